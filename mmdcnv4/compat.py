@@ -1,0 +1,44 @@
+"""Makes mmengine 0.10.7 load its own checkpoints again on torch >= 2.6.
+
+torch 2.6 changed ``torch.load``'s default to ``weights_only=True``. mmengine 0.10.7 calls ``torch.load``
+without the argument, so resuming a run (whose checkpoint holds the message hub, numpy arrays and
+config objects) and loading upstream checkpoints fail with an ``UnpicklingError``. Checkpoint files that
+a user names in a config or on the command line are trusted input, exactly as they were on older torch,
+so the local and http(s) loaders are re-registered with ``weights_only=False``. Nothing else about
+``torch.load`` changes.
+"""
+import os.path as osp
+
+import torch
+
+__all__ = ['load_trusted_checkpoint', 'patch_mmengine_checkpoint_loading']
+
+
+def load_trusted_checkpoint(filename, map_location=None):
+    """``torch.load`` for a checkpoint file the user chose (full unpickling, as before torch 2.6)."""
+    return torch.load(filename, map_location=map_location, weights_only=False)
+
+
+def patch_mmengine_checkpoint_loading():
+    """Registers the trusted loaders with mmengine's CheckpointLoader; a no-op without mmengine."""
+    try:
+        from mmengine.runner.checkpoint import CheckpointLoader
+    except ImportError:
+        return False
+
+    @CheckpointLoader.register_scheme(prefixes='', force=True)
+    def load_from_local(filename, map_location):
+        filename = osp.expanduser(filename)
+        if not osp.isfile(filename):
+            raise FileNotFoundError(f'{filename} can not be found.')
+        return load_trusted_checkpoint(filename, map_location)
+
+    @CheckpointLoader.register_scheme(prefixes=('http://', 'https://'), force=True)
+    def load_from_http(filename, map_location=None, model_dir=None, progress=True):
+        return torch.hub.load_state_dict_from_url(filename, model_dir=model_dir, map_location=map_location,
+                                                  progress=progress, weights_only=False)
+
+    return True
+
+
+patch_mmengine_checkpoint_loading()
