@@ -58,15 +58,15 @@ def _extension():
     sources = sorted(glob.glob(os.path.join('csrc', '*.cpp')) +
                      glob.glob(os.path.join('csrc', '*', '*.cpp')) +
                      glob.glob(os.path.join('csrc', '*', 'cpu', '*.cpp')))
-    cxx_flags = ['-O3', '-std=c++17']
+    # No -std flag: torch's build helpers pick the standard its headers need.
+    cxx_flags = ['-O3']
     define_macros = []
     extra = {'cxx': cxx_flags}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join('csrc', '*', 'cuda', '*.cu')))
         os.environ.setdefault('TORCH_CUDA_ARCH_LIST', DEFAULT_ARCH_LIST)
         define_macros.append(('MMDCNV4_WITH_CUDA', None))
-        extra['nvcc'] = ['-O3', '-std=c++17', '--use_fast_math', '-lineinfo',
-                         '--expt-relaxed-constexpr']
+        extra['nvcc'] = ['-O3', '--use_fast_math', '-lineinfo', '--expt-relaxed-constexpr']
         ext_class = cpp_extension.CUDAExtension
     else:
         ext_class = cpp_extension.CppExtension

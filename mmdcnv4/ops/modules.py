@@ -129,3 +129,83 @@ class DCNv4(nn.Module):
         if not self.without_pointwise:
             x = self.output_proj(x)
         return x.reshape(n, h * w, -1) if tokens else x
+
+
+class DCNv4Conv2d(nn.Module):
+    """DCNv4 with a convolution's interface (NCHW in and out), registered in mmcv as ``type='DCNv4'``.
+
+    ``build_conv_layer(dict(type='DCNv4'), in_channels, out_channels, kernel_size, stride=..., padding=...,
+    dilation=..., bias=...)`` builds it wherever ``dict(type='DCNv2')`` works, e.g. mmdet's ResNet with
+    ``dcn=dict(type='DCNv4')`` and ``stage_with_dcn``.
+
+    Layout: ``value_proj`` (1x1, in -> in) gives the sampled values; ``offset_mask`` (a k x k convolution
+    with the layer's stride, padding and dilation, like the offset branch of mmcv's DCNv2 pack) predicts
+    the offsets and aggregation weights at the output resolution; ``output_proj`` (1x1, in -> out) mixes
+    the groups. The offset branch starts at zero offsets and equal weights ``1/K``, so a fresh layer is a
+    box filter over the k x k window rather than zero (see ``DCNv4`` for why a zero start trains badly).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as for ``nn.Conv2d``
+            (``groups`` must be 1).
+        group: DCNv4 groups (default: ``deform_groups`` if given, else ``in_channels // 16`` when that
+            divides, else 1). ``deform_groups`` is accepted so DCNv2 configs carry over.
+        offset_scale: scale of the sampling grid and offsets.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, group=None, deform_groups=None, offset_scale=1.0):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f'DCNv4Conv2d supports groups=1 only (use group= for DCNv4 groups), got {groups}')
+        if group is None:
+            group = deform_groups if deform_groups is not None else (
+                in_channels // 16 if in_channels % 16 == 0 else 1)
+        if in_channels % group:
+            raise ValueError(f'in_channels ({in_channels}) must be divisible by group ({group})')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, 'kernel_size', 1)
+        self.stride = _pair(stride, 'stride', 1)
+        self.padding = _pair(padding, 'padding', 0)
+        self.dilation = _pair(dilation, 'dilation', 1)
+        self.group = group
+        self.offset_scale = offset_scale
+        points = self.kernel_size[0] * self.kernel_size[1]
+        self.points = points
+        self.value_proj = nn.Conv2d(in_channels, in_channels, 1)
+        self.offset_mask = nn.Conv2d(in_channels, 3 * group * points, self.kernel_size, self.stride,
+                                     self.padding, self.dilation)
+        self.output_proj = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+        self.init_weights()
+
+    def init_weights(self):
+        nn.init.zeros_(self.offset_mask.weight)
+        bias = self.offset_mask.bias.detach().view(self.group, 3 * self.points)
+        bias[:, :2 * self.points] = 0
+        bias[:, 2 * self.points:] = 1.0 / self.points
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        if self.output_proj.bias is not None:
+            nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'DCNv4Conv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}')
+        value = self.value_proj(x).permute(0, 2, 3, 1)
+        offset_mask = self.offset_mask(x).permute(0, 2, 3, 1)
+        out = dcnv4(value, offset_mask, self.kernel_size, self.stride, self.padding, self.dilation, self.group,
+                    self.offset_scale)
+        return self.output_proj(out.permute(0, 3, 1, 2))
+
+
+def _register_in_mmcv():
+    """Adds ``type='DCNv4'`` to the registry mmcv's ``build_conv_layer`` reads (mmengine's root MODELS)."""
+    try:
+        from mmengine.registry import MODELS
+    except ImportError:
+        return
+    MODELS.register_module('DCNv4', module=DCNv4Conv2d, force=True)
+
+
+_register_in_mmcv()

@@ -95,7 +95,9 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     """Multi-scale deformable attention with mmcv's layout, by the contract's formula.
 
     value (N, Len_in, heads, D); sampling_locations (N, Len_q, heads, L, P, 2) normalised (x, y);
-    attention_weights (N, Len_q, heads, L, P). Returns (N, Len_q, heads * D).
+    attention_weights (N, Len_q, heads, L, P). Returns (N, Len_q, heads * D) in the dtype of ``value``.
+    A point outside its level contributes nothing, whatever its weight (a NaN weight included); a NaN
+    location gives a NaN output.
     """
     n, _, heads, d = value.shape
     _, len_q, _, levels, points, _ = sampling_locations.shape
@@ -107,19 +109,28 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
         x = sampling_locations[:, :, :, lvl, :, 0] * w_l - 0.5  # (N, Len_q, heads, P)
         y = sampling_locations[:, :, :, lvl, :, 1] * h_l - 0.5
         # Reuse the DCNv4 sampler: a (Len_q, 1) output map, heads as groups, points as K.
-        sampled, _ = _bilinear_gather(v, y.unsqueeze(2), x.unsqueeze(2))
+        sampled, used = _bilinear_gather(v, y.unsqueeze(2), x.unsqueeze(2))
         sampled = sampled.squeeze(2)  # (N, Lq, heads, P, D)
-        out = out + (attention_weights[:, :, :, lvl, :].unsqueeze(-1) * sampled).sum(dim=3)
-    return out.reshape(n, len_q, heads * d)
+        weights = attention_weights[:, :, :, lvl, :]
+        weights = torch.where(used.squeeze(2), weights, torch.zeros_like(weights))
+        out = out + (weights.unsqueeze(-1) * sampled).sum(dim=3)
+    return out.reshape(n, len_q, heads * d).to(value.dtype)
 
 
 def flash_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_loc_attn, num_points):
-    """The packed "flash" layout: locations then logits per head, softmax over all levels and points."""
+    """The packed "flash" layout: locations then logits per head, softmax over all levels and points.
+
+    The softmax runs in fp32 (fp64 for fp64 inputs) and the probabilities stay in that precision, as in
+    the kernels; the output has the dtype of ``value``.
+    """
     n, len_q, heads, _ = sampling_loc_attn.shape
     levels = spatial_shapes.shape[0]
     lp = levels * num_points
     loc = sampling_loc_attn[..., :2 * lp].reshape(n, len_q, heads, levels, num_points, 2)
     logits = sampling_loc_attn[..., 2 * lp:3 * lp]
-    weights = torch.softmax(logits.float(), dim=-1).to(value.dtype)
+    weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     weights = weights.reshape(n, len_q, heads, levels, num_points)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, loc, weights)
+    compute = torch.promote_types(value.dtype, weights.dtype)
+    out = ms_deform_attn_reference(value.to(compute), spatial_shapes, level_start_index, loc.to(compute),
+                                   weights)
+    return out.to(value.dtype)

@@ -1,0 +1,312 @@
+"""DCNv4: the compiled kernels against the float64 reference, on CPU and (marker `cuda`) on CUDA."""
+import pytest
+import torch
+
+from mmdcnv4 import _ext
+from mmdcnv4.ops import dcnv4, dcnv4_reference
+from mmdcnv4.ops.reference import dcnv4_output_size
+
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)]
+
+
+def make_inputs(gen, n, h, w, group, d, kernel=(3, 3), stride=(1, 1), pad=(1, 1), dil=(1, 1), remove_center=False,
+                offset_std=1.5, extra=5, dtype=torch.float64, device='cpu'):
+    """Fresh random value and offset_mask; offset_std ~1.5 puts many points near or past the border."""
+    ho = dcnv4_output_size(h, kernel[0], stride[0], pad[0], dil[0])
+    wo = dcnv4_output_size(w, kernel[1], stride[1], pad[1], dil[1])
+    k = kernel[0] * kernel[1] - int(remove_center)
+    value = torch.randn(n, h, w, group * d, generator=gen, dtype=torch.float64)
+    om = torch.randn(n, ho, wo, group, 3 * k, generator=gen, dtype=torch.float64)
+    om[..., :2 * k] *= offset_std
+    om = om.reshape(n, ho, wo, group * 3 * k)
+    om = torch.cat([om, torch.randn(n, ho, wo, extra, generator=gen, dtype=torch.float64)], dim=-1)
+    return value.to(device, dtype), om.to(device, dtype)
+
+
+# (n, h, w, group, d, kernel, stride, pad, dilation, remove_center, offset_scale)
+CASES = {
+    'base': (2, 7, 9, 2, 8, (3, 3), (1, 1), (1, 1), (1, 1), False, 1.0),
+    'remove_center': (1, 6, 5, 3, 16, (3, 3), (1, 1), (1, 1), (1, 1), True, 1.0),
+    'offset_scale_0.5': (2, 5, 8, 2, 8, (3, 3), (1, 1), (1, 1), (1, 1), False, 0.5),
+    'offset_scale_2': (1, 9, 6, 4, 8, (3, 3), (1, 1), (1, 1), (1, 1), False, 2.0),
+    'stride_2': (2, 9, 11, 2, 16, (3, 3), (2, 2), (1, 1), (1, 1), False, 1.0),
+    'dilation_2': (1, 8, 7, 2, 8, (3, 3), (1, 1), (2, 2), (2, 2), False, 1.0),
+    'kernel_5': (1, 9, 8, 2, 8, (5, 5), (1, 1), (2, 2), (1, 1), True, 1.0),
+    'kernel_1x3': (2, 5, 7, 3, 8, (1, 3), (1, 2), (0, 1), (1, 1), False, 1.0),
+    'kernel_7x2': (1, 9, 6, 1, 8, (7, 2), (1, 1), (3, 0), (1, 2), False, 1.0),
+    'kernel_1x1': (1, 4, 5, 2, 8, (1, 1), (1, 1), (0, 0), (1, 1), False, 1.0),
+    'd32': (1, 5, 6, 2, 32, (3, 3), (1, 1), (1, 1), (1, 1), False, 1.0),
+    'd64_odd_size': (1, 3, 7, 1, 64, (3, 3), (1, 1), (1, 1), (1, 1), False, 1.0),
+    'd5_odd_channels': (2, 5, 4, 3, 5, (3, 3), (1, 1), (1, 1), (1, 1), False, 1.0),
+    'g80': (1, 4, 3, 80, 8, (3, 3), (1, 1), (1, 1), (1, 1), False, 1.0),
+    'no_padding': (1, 8, 9, 2, 8, (3, 3), (2, 1), (0, 0), (1, 1), False, 1.0),
+}
+
+
+def call(case, value, om, fn=dcnv4):
+    _, _, _, group, _, kernel, stride, pad, dil, rc, scale = case
+    return fn(value, om, kernel, stride, pad, dil, group, scale, rc)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_forward_backward_float64(name, device, rng):
+    case = CASES[name]
+    n, h, w, group, d, kernel, stride, pad, dil, rc, _ = case
+    value, om = make_inputs(rng, n, h, w, group, d, kernel, stride, pad, dil, rc, device=device)
+    value.requires_grad_()
+    om.requires_grad_()
+    out = call(case, value, om)
+    ref = call(case, value, om, dcnv4_reference)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (value, om), grad)
+    want = torch.autograd.grad(ref, (value, om), grad)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-9)
+    # The padded tail of offset_mask gets zero gradient.
+    assert torch.all(got[1][..., 3 * group * (kernel[0] * kernel[1] - int(rc)):] == 0)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('name', ['base', 'remove_center', 'stride_2', 'kernel_1x3', 'd5_odd_channels'])
+def test_gradcheck(name, device, rng):
+    case = CASES[name]
+    n, h, w, group, d, kernel, stride, pad, dil, rc, _ = case
+    value, om = make_inputs(rng, 1, min(h, 5), min(w, 5), group, min(d, 8), kernel, stride, pad, dil, rc,
+                            device=device)
+    value.requires_grad_()
+    om.requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, o: call(case, v, o), (value, om), eps=1e-6, atol=1e-5)
+
+
+# Relative-error bounds against the float64 reference, per dtype (inputs rounded to the dtype first).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('name', ['base', 'kernel_5', 'd32', 'd5_odd_channels', 'g80'])
+def test_low_precision_against_float64(name, dtype, device, rng):
+    case = CASES[name]
+    n, h, w, group, d, kernel, stride, pad, dil, rc, _ = case
+    value, om = make_inputs(rng, n, h, w, group, d, kernel, stride, pad, dil, rc, dtype=dtype, device=device)
+    value.requires_grad_()
+    om.requires_grad_()
+    value64 = value.detach().double().requires_grad_()
+    om64 = om.detach().double().requires_grad_()
+    out = call(case, value, om)
+    ref = call(case, value64, om64, dcnv4_reference)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    grad = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+    got = torch.autograd.grad(out, (value, om), grad.to(device, dtype))
+    want = torch.autograd.grad(ref, (value64, om64), grad.to(device))
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert rel_err(got[0], want[0]) < GRAD_TOLERANCE[dtype]
+    assert rel_err(got[1], want[1]) < GRAD_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
+def test_batch_equals_per_image(dtype, device, rng):
+    """Batched output equals per-image output bit for bit (upstream fails this at batch > 1)."""
+    case = (8, 14, 14, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), False, 1.0)
+    value, om = make_inputs(rng, 8, 14, 14, 16, 16, dtype=dtype, device=device)
+    batched = call(case, value, om)
+    for i in range(value.shape[0]):
+        single = call(case, value[i:i + 1], om[i:i + 1])
+        assert torch.equal(batched[i:i + 1], single)
+    # The offset/mask gradient has no atomics: it is also batch-independent.
+    value.requires_grad_()
+    om.requires_grad_()
+    grad = torch.randn(batched.shape, generator=rng).to(device, dtype)
+    gom = torch.autograd.grad(call(case, value, om), om, grad)[0]
+    gom0 = torch.autograd.grad(call(case, value[:1], om[:1]), om, grad[:1])[0]
+    assert torch.equal(gom[:1], gom0[:1])
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_backward(dtype, device, rng):
+    case = CASES['base']
+    value, om = make_inputs(rng, 4, 16, 16, 2, 8, offset_std=0.5, dtype=dtype, device=device)
+    value.requires_grad_()
+    om.requires_grad_()
+    grad = torch.randn(4, 16, 16, 16, generator=rng).to(device, dtype)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = torch.autograd.grad(call(case, value, om), (value, om), grad)
+        second = torch.autograd.grad(call(case, value, om), (value, om), grad)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    # And the deterministic result is as accurate as the default one.
+    ref = torch.autograd.grad(call(case, value.double(), om.double(), dcnv4_reference), value, grad.double())[0]
+    assert rel_err(first[0], ref) < GRAD_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_non_contiguous_inputs(device, rng):
+    case = CASES['base']
+    value, om = make_inputs(rng, 2, 7, 9, 2, 8, device=device)
+    value_nc = value.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # same values, other strides
+    om_nc = torch.cat([om, om], dim=-1)[..., :om.shape[-1]]
+    assert not value_nc.is_contiguous() and not om_nc.is_contiguous()
+    torch.testing.assert_close(call(case, value_nc, om_nc), call(case, value, om), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_empty_batch(device):
+    value = torch.randn(0, 5, 5, 16, device=device, requires_grad=True)
+    om = torch.randn(0, 5, 5, 3 * 2 * 9, device=device, requires_grad=True)
+    out = dcnv4(value, om, group=2)
+    assert out.shape == (0, 5, 5, 16)
+    out.sum().backward()
+    assert value.grad.shape == value.shape and om.grad.shape == om.shape
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_nan_propagates(device, rng):
+    value, om = make_inputs(rng, 1, 6, 6, 1, 8, offset_std=0.0, device=device)
+    om[..., :18] = 0  # the regular 3x3 grid: every point lands on a pixel centre
+    value[0, 2, 3, 5] = float('nan')
+    out = dcnv4(value, om)
+    # A point on pixel (y, x) reads the corners (y..y+1, x..x+1), the NaN one with weight zero when it is
+    # not (y, x) itself, and 0 * NaN is NaN (as in grid_sample): the points on pixels (1..2, 2..3) see
+    # it, hence exactly the outputs whose 3x3 window holds one of them, channel 5 only.
+    nan = torch.isnan(out)
+    assert nan[0, 0:4, 1:5, 5].all() and nan.sum() == 16
+    om2 = om.clone()
+    om2[0, 0, 0, 0] = float('nan')  # a NaN offset poisons its pixel
+    assert torch.isnan(dcnv4(value, om2)[0, 0, 0]).all()
+    assert torch.isfinite(dcnv4(value, om2)[0, 5, 5]).all()
+
+
+def test_compile_fullgraph(rng):
+    """No graph break; AOT autograd traces the backward through the registered autograd formula."""
+    case = CASES['stride_2']
+    value, om = make_inputs(rng, 2, 9, 11, 2, 16, stride=(2, 2), dtype=torch.float32)
+
+    def forward(v, o):
+        return call(case, v * 2, o).square()
+
+    compiled = torch.compile(forward, fullgraph=True, backend='aot_eager')
+    results = []
+    for fn in (compiled, forward):
+        v = value.clone().requires_grad_()
+        o = om.clone().requires_grad_()
+        out = fn(v, o)
+        out.sum().backward()
+        results.append((out, v.grad, o.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_autocast_promotes_mixed_dtypes(rng):
+    value, om = make_inputs(rng, 1, 5, 5, 1, 8, dtype=torch.float32)
+    with pytest.raises(TypeError, match='same dtype'):
+        dcnv4(value, om.to(torch.bfloat16))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = dcnv4(value, om.to(torch.bfloat16))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, dcnv4(value, om.to(torch.bfloat16).float()))
+
+
+BAD_INPUTS = [
+    (dict(value=torch.randn(5, 5, 8)), ValueError, 'value must be a 4-D'),
+    (dict(offset_mask=torch.randn(1, 5, 5)), ValueError, 'offset_mask must be a 4-D'),
+    (dict(value=torch.randint(0, 3, (1, 5, 5, 8))), TypeError, 'value must be float16'),
+    (dict(offset_mask=torch.randn(1, 5, 5, 27, dtype=torch.float64)), TypeError, 'same dtype'),
+    (dict(group=3), ValueError, 'divisible by group'),
+    (dict(group=0), ValueError, 'group must be a positive int'),
+    (dict(offset_mask=torch.randn(1, 5, 5, 26)), ValueError, 'offset_mask must have shape'),
+    (dict(offset_mask=torch.randn(1, 4, 5, 27)), ValueError, 'offset_mask must have shape'),
+    (dict(offset_mask=torch.randn(2, 5, 5, 27)), ValueError, 'offset_mask must have shape'),
+    (dict(kernel_size=-1), ValueError, 'kernel_size must be >= 1'),
+    (dict(stride=0), ValueError, 'stride must be >= 1'),
+    (dict(padding=-2), ValueError, 'padding must be >= 0'),
+    (dict(dilation=(1, 0)), ValueError, 'dilation must be >= 1'),
+    (dict(kernel_size=(3, 3, 3)), TypeError, 'kernel_size must be an int or a pair'),
+    (dict(kernel_size=2.5), TypeError, 'kernel_size must be an int or a pair'),
+    (dict(value=torch.randn(1, 2, 2, 8), padding=0, offset_mask=torch.randn(1, 1, 1, 27)), ValueError,
+     'output size'),
+    (dict(kernel_size=1, padding=0, remove_center=True, offset_mask=torch.randn(1, 5, 5, 3)), ValueError,
+     'more than one point'),
+    (dict(offset_scale=float('nan')), ValueError, 'offset_scale'),
+    (dict(remove_center=1), TypeError, 'remove_center'),
+    (dict(value='x'), TypeError, 'value must be a torch.Tensor'),
+]
+
+
+@pytest.mark.parametrize('override,error,message', BAD_INPUTS)
+def test_bad_inputs(override, error, message):
+    args = dict(value=torch.randn(1, 5, 5, 8), offset_mask=torch.randn(1, 5, 5, 27), kernel_size=3, stride=1,
+                padding=1, dilation=1, group=1, offset_scale=1.0, remove_center=False)
+    args.update(override)
+    with pytest.raises(error, match=message):
+        dcnv4(**args)
+
+
+def test_missing_cuda_kernels_give_a_clear_error():
+    if _ext.has_kernel('dcnv4_forward', 'cuda'):
+        pytest.skip('this build has the CUDA kernels')
+    with pytest.raises(RuntimeError, match='built without its CUDA kernels'):
+        _ext.require_kernel('dcnv4_forward', 'cuda')
+
+
+def test_other_devices_are_refused():
+    value = torch.randn(1, 5, 5, 8, device='meta')
+    with pytest.raises(RuntimeError, match='supports CPU and CUDA'):
+        dcnv4(value, torch.randn(1, 5, 5, 27, device='meta'))
+
+
+@pytest.mark.cuda
+def test_cuda_device_mismatch():
+    with pytest.raises(ValueError, match='same device'):
+        dcnv4(torch.randn(1, 5, 5, 8, device='cuda'), torch.randn(1, 5, 5, 27))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_large_group_and_upstream_shapes(dtype, rng):
+    """FlashInternImage-L stage 4 (G=80, D=16; upstream's backward cannot launch) and a detection shape."""
+    for (n, h, w, g) in [(2, 25, 42, 80), (2, 50, 84, 16)]:
+        value, om = make_inputs(rng, n, h, w, g, 16, dtype=dtype, device='cuda', offset_std=1.0)
+        value.requires_grad_()
+        om.requires_grad_()
+        out = dcnv4(value, om, group=g)
+        out.float().square().sum().backward()
+        ref = dcnv4_reference(value.detach().double(), om.detach().double(), (3, 3), (1, 1), (1, 1), (1, 1), g)
+        assert rel_err(out, ref) < TOLERANCE[dtype]
+        assert torch.isfinite(value.grad).all() and torch.isfinite(om.grad).all()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture(rng):
+    value, om = make_inputs(rng, 2, 16, 16, 4, 16, dtype=torch.float32, device='cuda')
+    static_out = dcnv4(value, om, group=4)  # warm-up (loads the kernels) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = dcnv4(value, om, group=4)
+    fresh_value, fresh_om = make_inputs(rng, 2, 16, 16, 4, 16, dtype=torch.float32, device='cuda')
+    value.copy_(fresh_value)
+    om.copy_(fresh_om)
+    static_out.fill_(float('nan'))  # poison: the replay must rewrite every element
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, dcnv4(fresh_value, fresh_om, group=4))
+
+
+@pytest.mark.cuda
+def test_cuda_compile_inductor(rng):
+    value, om = make_inputs(rng, 2, 12, 10, 4, 16, dtype=torch.float16, device='cuda')
+    fn = torch.compile(lambda v, o: dcnv4(v.relu(), o, group=4) * 2, fullgraph=True)
+    torch.testing.assert_close(fn(value, om), dcnv4(value.relu(), om, group=4) * 2)
