@@ -35,17 +35,18 @@ MMDCNV4_HOST_DEVICE WindowOrigin<T> window_centre(const DCNv4Params& p, int64_t 
 
 // Bilinear corners of a point: flat pixel indices (-1 when outside the image) and weights.
 // A point is used only if -1 < y < H and -1 < x < W (strict); otherwise all weights are zero.
-template <typename T>
+// I is the index type: int64_t on the CPU, int on the GPU (whose launchers check the image fits).
+template <typename T, typename I = int64_t>
 struct Corners {
-  int64_t index[4];  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
+  I index[4];  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
   T weight[4];
   T lx, ly;
   bool used;
 };
 
-template <typename T>
-MMDCNV4_HOST_DEVICE Corners<T> bilinear_corners(T y, T x, int64_t height, int64_t width) {
-  Corners<T> c;
+template <typename T, typename I = int64_t>
+MMDCNV4_HOST_DEVICE Corners<T, I> bilinear_corners(T y, T x, I height, I width) {
+  Corners<T, I> c;
   c.used = (y > T(-1)) && (y < T(height)) && (x > T(-1)) && (x < T(width));
   if (!c.used) {
     for (int q = 0; q < 4; ++q) {
@@ -56,7 +57,7 @@ MMDCNV4_HOST_DEVICE Corners<T> bilinear_corners(T y, T x, int64_t height, int64_
     return c;
   }
   const T fy = floor(y), fx = floor(x);
-  const int64_t y0 = static_cast<int64_t>(fy), x0 = static_cast<int64_t>(fx);
+  const I y0 = static_cast<I>(fy), x0 = static_cast<I>(fx);
   c.ly = y - fy;
   c.lx = x - fx;
   const T hy = T(1) - c.ly, hx = T(1) - c.lx;

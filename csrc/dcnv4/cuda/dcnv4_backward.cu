@@ -1,13 +1,13 @@
 // DCNv4 backward on CUDA.
 //
-// Mapping: T lanes (a power of two <= 32, inside one warp) per (output pixel, group); lane l handles the
-// channel vectors l, l + T, ... of the group. Per point, each lane forms partial sums of the weight and
+// Mapping: 2-D tiles of output pixels of one image and one group per block (dcnv4_cuda.cuh), T lanes
+// (a power of two <= 32, inside one warp) per pixel; lane l handles the channel vectors l, l + T, ... Per point, each lane forms partial sums of the weight and
 // offset gradients over its channels; a butterfly of warp shuffles reduces them over the T lanes and
 // lane 0 writes them, so those gradients need no atomics and are deterministic.
 //
 // The value gradient is a scatter (many output points hit one input pixel). By default each lane adds
-// its contributions with fp32 atomics (into the gradient itself for fp32/fp64, into an fp32 buffer
-// rounded once at the end for fp16/bf16). With torch.use_deterministic_algorithms(True), contributions
+// its contributions with fp32 atomics, 16 bytes at a time on sm_90 (into the gradient itself for
+// fp32/fp64, into an fp32 buffer rounded once at the end for fp16/bf16). With torch.use_deterministic_algorithms(True), contributions
 // are instead rounded to 64-bit fixed point and added with integer atomics, which are associative, so
 // the result does not depend on the order of the additions. The fixed-point scale is a power of two
 // chosen on the device from max|grad_output| * max|weight| * (Ho * Wo * K) (a bound on any partial sum),
@@ -25,15 +25,22 @@ namespace {
 template <typename acc_t>
 struct FloatAtomicAdd {
   acc_t* base;
-  __device__ __forceinline__ void operator()(int64_t index, acc_t value) const { atomicAdd(base + index, value); }
+  template <int N>
+  __device__ __forceinline__ void add(int64_t index, const acc_t* values) const {
+    atomic_add_vec<N>(base + index, values);
+  }
 };
 
 struct FixedPointAtomicAdd {
   unsigned long long* base;
   const double* scale;  // device scalar, see the file comment
-  __device__ __forceinline__ void operator()(int64_t index, double value) const {
-    const long long fixed = __double2ll_rn(value * (*scale));
-    atomicAdd(base + index, static_cast<unsigned long long>(fixed));
+  template <int N, typename acc_t>
+  __device__ __forceinline__ void add(int64_t index, const acc_t* values) const {
+    const double s = *scale;
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      atomicAdd(base + index + e, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(values[e]) * s)));
+    }
   }
 };
 
@@ -43,135 +50,151 @@ __device__ __forceinline__ acc_t reduce_lanes(acc_t value, int lanes) {
   return value;
 }
 
-template <typename scalar_t, int V, typename Accumulate>
+// Per point and corner q, s_q = sum over the thread's channels of grad_output * value_q. The weight
+// gradient is sum_q w_q s_q and the offset gradients are fixed combinations of the s_q (the bilinear
+// derivative), so a channel costs one multiply-add per corner, plus its share of the value scatter.
+template <typename scalar_t, int V, int NV, int KH, int KW, typename Accumulate>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_backward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                           const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
-                          const Accumulate accumulate, const DCNv4Params p, const int pixel_groups,
-                          const int lanes, const int vecs) {
+                          const Accumulate accumulate, const DCNv4Params p, const TileShape t,
+                          const int chunks_per_group) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int item = blockIdx.x * blockDim.x + threadIdx.x;
-  const int lane = item & (lanes - 1);
-  const int pixel_group = item / lanes;
-  // Threads past the end stay to take part in the shuffles; they read and write nothing.
-  const bool active = pixel_group < pixel_groups;
-  const int g = active ? pixel_group % p.group : 0;
-  const int pixel = active ? pixel_group / p.group : 0;
-  const PixelIndex at = pixel_index(p, pixel);
-  const int D = p.group_channels, K = p.points;
-  const int64_t channel0 = static_cast<int64_t>(g) * D;
-  const int64_t om_offset = static_cast<int64_t>(pixel) * p.om_channels + static_cast<int64_t>(g) * 3 * K;
+  constexpr int kChannels = NV * V;  // per thread and chunk
+  const ThreadPlace at = thread_place(p, t);
+  // Threads past the map's edge stay to take part in the shuffles; they read and write nothing.
+  const bool active = at.inside;
+  const int yo = active ? at.yo : 0, xo = active ? at.xo : 0;
+  const int kernel_h = KH > 0 ? KH : p.kernel_h, kernel_w = KW > 0 ? KW : p.kernel_w;
+  const int C = static_cast<int>(p.channels), K = p.points;
+  const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+  const int channel0 = at.g * p.group_channels;
+  const int out_pixel = yo * static_cast<int>(p.out_width) + xo;
+  const int64_t out_image = static_cast<int64_t>(at.n) * p.out_height * p.out_width;
+  const int64_t om_offset = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) + at.g * 3 * K;
   const scalar_t* om = offset_mask + om_offset;
-  const int64_t image_offset = static_cast<int64_t>(at.n) * p.height * p.width * p.channels + channel0;
-  const scalar_t* image = value + image_offset;
-  const scalar_t* gout = grad_output + static_cast<int64_t>(pixel) * p.channels + channel0;
-  const auto centre = window_centre<acc_t>(p, at.yo, at.xo);
+  const int64_t image_offset = static_cast<int64_t>(at.n) * H * W * C;
+  const scalar_t* image = value + image_offset + channel0;
+  const scalar_t* gout = grad_output + out_image * C + out_pixel * C + channel0;
+  const auto centre = window_centre<acc_t>(p, yo, xo);
   const acc_t scale = static_cast<acc_t>(p.offset_scale);
-  const int half_w = (p.dilation_w * (p.kernel_w - 1)) / 2, half_h = (p.dilation_h * (p.kernel_h - 1)) / 2;
+  const int half_w = (p.dilation_w * (kernel_w - 1)) / 2, half_h = (p.dilation_h * (kernel_h - 1)) / 2;
+  const int centre_point = (kernel_w / 2) * kernel_h + kernel_h / 2;
 
-  int k = 0;
-  for (int i = 0; i < p.kernel_w; ++i) {
-    for (int j = 0; j < p.kernel_h; ++j) {
-      if (p.remove_center && i == p.kernel_w / 2 && j == p.kernel_h / 2) continue;
+#pragma unroll
+  for (int i = 0; i < kernel_w; ++i) {
+#pragma unroll
+    for (int j = 0; j < kernel_h; ++j) {
+      const int grid_point = i * kernel_h + j;
+      if (p.remove_center && grid_point == centre_point) continue;
+      const int k = grid_point - (p.remove_center && grid_point > centre_point ? 1 : 0);
       acc_t x = 0, y = 0, m = 0;
       if (active) {
         x = centre.x + (acc_t(i * p.dilation_w - half_w) + static_cast<acc_t>(om[2 * k])) * scale;
         y = centre.y + (acc_t(j * p.dilation_h - half_h) + static_cast<acc_t>(om[2 * k + 1])) * scale;
         m = static_cast<acc_t>(om[2 * K + k]);
       }
-      const auto c = bilinear_corners<acc_t>(y, x, p.height, p.width);
-      const bool used = active && c.used;
+      const auto c = bilinear_corners<acc_t, int>(y, x, H, W);
       acc_t grad_m = 0, grad_x = 0, grad_y = 0;
-      if (used) {
+      if (active && c.used) {
         const acc_t hx = acc_t(1) - c.lx, hy = acc_t(1) - c.ly;
-        for (int vec = lane; vec < vecs; vec += lanes) {
-          const int64_t ch = static_cast<int64_t>(vec) * V;
-          const auto go = load_vec<scalar_t, V>(gout + ch);
-          Vec<scalar_t, V> corner[4];
+        const acc_t dx_coef[4] = {-hy, hy, -c.ly, c.ly};
+        const acc_t dy_coef[4] = {-hx, -c.lx, hx, c.lx};
+        for (int chunk = at.lane; chunk < chunks_per_group; chunk += t.lanes) {
+          const int ch = chunk * kChannels;
+          acc_t g[kChannels];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (c.index[q] >= 0) {
-              corner[q] = load_vec<scalar_t, V>(image + c.index[q] * p.channels + ch);
-            } else {
-#pragma unroll
-              for (int e = 0; e < V; ++e) corner[q].v[e] = scalar_t(0);
-            }
-          }
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            const acc_t g_e = static_cast<acc_t>(go.v[e]);
-            const acc_t v00 = static_cast<acc_t>(corner[0].v[e]), v01 = static_cast<acc_t>(corner[1].v[e]);
-            const acc_t v10 = static_cast<acc_t>(corner[2].v[e]), v11 = static_cast<acc_t>(corner[3].v[e]);
-            grad_m += g_e * (c.weight[0] * v00 + c.weight[1] * v01 + c.weight[2] * v10 + c.weight[3] * v11);
-            grad_x += g_e * (hy * (v01 - v00) + c.ly * (v11 - v10));
-            grad_y += g_e * (hx * (v10 - v00) + c.lx * (v11 - v01));
-          }
+          for (int u = 0; u < NV; ++u) to_acc(load_vec<scalar_t, V>(gout + ch + u * V), *reinterpret_cast<acc_t(*)[V]>(g + u * V));
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             if (c.index[q] < 0) continue;
-            const acc_t w = m * c.weight[q];
-            const int64_t base = image_offset + c.index[q] * p.channels + ch;
+            const int offset = c.index[q] * C + ch;
+            acc_t s = 0;
 #pragma unroll
-            for (int e = 0; e < V; ++e) accumulate(base + e, w * static_cast<acc_t>(go.v[e]));
+            for (int u = 0; u < NV; ++u) {
+              acc_t f[V];
+              to_acc(load_vec<scalar_t, V>(image + offset + u * V), f);
+#pragma unroll
+              for (int e = 0; e < V; ++e) s += g[u * V + e] * f[e];
+            }
+            grad_m += c.weight[q] * s;
+            grad_x += dx_coef[q] * s;
+            grad_y += dy_coef[q] * s;
+            const acc_t w = m * c.weight[q];
+            acc_t contribution[kChannels];
+#pragma unroll
+            for (int e = 0; e < kChannels; ++e) contribution[e] = w * g[e];
+            accumulate.template add<kChannels>(image_offset + channel0 + offset, contribution);
           }
         }
       }
-      grad_m = reduce_lanes(grad_m, lanes);
-      grad_x = reduce_lanes(grad_x, lanes);
-      grad_y = reduce_lanes(grad_y, lanes);
-      if (active && lane == 0) {
+      grad_m = reduce_lanes(grad_m, t.lanes);
+      grad_x = reduce_lanes(grad_x, t.lanes);
+      grad_y = reduce_lanes(grad_y, t.lanes);
+      if (active && at.lane == 0) {
         scalar_t* gom = grad_offset_mask + om_offset;
         if (!c.used && (isnan(x) || isnan(y))) grad_m = NAN;
         gom[2 * k] = static_cast<scalar_t>(grad_x * scale * m);
         gom[2 * k + 1] = static_cast<scalar_t>(grad_y * scale * m);
         gom[2 * K + k] = static_cast<scalar_t>(grad_m);
       }
-      ++k;
     }
   }
 }
 
-int lanes_for(int vecs) {
+int lanes_for(int chunks) {
   int lanes = 1;
-  while (lanes < vecs && lanes < 32) lanes *= 2;
+  while (lanes < chunks && lanes < 32) lanes *= 2;
   return lanes;
 }
 
-template <typename scalar_t, int V, typename Accumulate>
+template <typename scalar_t, int V, int NV, int KH, int KW, typename Accumulate>
 void launch_backward(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                      scalar_t* grad_offset_mask, Accumulate accumulate, const DCNv4Params& p, cudaStream_t stream) {
-  const int vecs = p.group_channels / V;
-  const int lanes = lanes_for(vecs);
-  const int64_t out_pixels = p.out_height * p.out_width;
-  const int64_t groups_per_image = out_pixels * p.group;
-  for_each_image_chunk(p.batch, groups_per_image * lanes, [&](int64_t first, int64_t count) {
-    const int pixel_groups = static_cast<int>(count * groups_per_image);
+  const int chunks_per_group = p.group_channels / (V * NV);
+  // Lanes of a pixel stay inside one warp (for the shuffles) and loop over the group's chunks.
+  const TileShape t = make_tile_shape(p, lanes_for(chunks_per_group), 1);
+  const int64_t out_image = p.out_height * p.out_width;
+  for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     // The accumulator indexes the whole value gradient: offset its base like the inputs.
-    Accumulate chunk = accumulate;
-    chunk.base += first * p.height * p.width * p.channels;
-    dcnv4_backward_kernel<scalar_t, V, Accumulate>
-        <<<blocks_for(static_cast<int64_t>(pixel_groups) * lanes), kThreadsPerBlock, 0, stream>>>(
-            value + first * p.height * p.width * p.channels, offset_mask + first * out_pixels * p.om_channels,
-            grad_output + first * out_pixels * p.channels, grad_offset_mask + first * out_pixels * p.om_channels,
-            chunk, p, pixel_groups, lanes, vecs);
+    Accumulate slice = accumulate;
+    slice.base += first * p.height * p.width * p.channels;
+    const dim3 grid(t.tiles, p.group, static_cast<unsigned>(count));
+    dcnv4_backward_kernel<scalar_t, V, NV, KH, KW, Accumulate><<<grid, t.threads, 0, stream>>>(
+        value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
+        grad_output + first * out_image * p.channels, grad_offset_mask + first * out_image * p.om_channels,
+        slice, p, t, chunks_per_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
+// Instantiates only what is used (see dispatch_forward); the backward keeps at most 16 channels per
+// thread, since it holds the output gradient in registers.
 template <typename scalar_t, typename Accumulate>
-void dispatch_vector_width(const at::Tensor& value, const at::Tensor& offset_mask, const at::Tensor& grad_output,
-                           at::Tensor& grad_offset_mask, Accumulate accumulate, const DCNv4Params& p) {
+void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, const at::Tensor& grad_output,
+                       at::Tensor& grad_offset_mask, Accumulate accumulate, const DCNv4Params& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* v = value.const_data_ptr<scalar_t>();
   const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* om = offset_mask.const_data_ptr<scalar_t>();
+  scalar_t* gom = grad_offset_mask.mutable_data_ptr<scalar_t>();
   constexpr int kWide = 16 / sizeof(scalar_t);
-  if (pick_vector_width<scalar_t>(p.group_channels, {v, go}) == kWide) {
-    launch_backward<scalar_t, kWide>(v, offset_mask.const_data_ptr<scalar_t>(), go,
-                                     grad_offset_mask.mutable_data_ptr<scalar_t>(), accumulate, p, stream);
-  } else {
-    launch_backward<scalar_t, 1>(v, offset_mask.const_data_ptr<scalar_t>(), go,
-                                 grad_offset_mask.mutable_data_ptr<scalar_t>(), accumulate, p, stream);
+  const bool wide = pick_vector_width<scalar_t>(p.group_channels, {v, go}) == kWide;
+  if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<Accumulate, FixedPointAtomicAdd>) {
+    if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
+      switch (pick_vectors_per_thread(p.group_channels / kWide, kWide, kVectorChannels)) {
+        case 4:
+          if constexpr (kWide * 4 <= 16) return launch_backward<scalar_t, kWide, 4, 3, 3>(v, om, go, gom, accumulate, p, stream);
+          break;
+        case 2: return launch_backward<scalar_t, kWide, 2, 3, 3>(v, om, go, gom, accumulate, p, stream);
+        default: return launch_backward<scalar_t, kWide, 1, 3, 3>(v, om, go, gom, accumulate, p, stream);
+      }
+    }
   }
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (wide) return launch_backward<scalar_t, kWide, 1, 0, 0>(v, om, go, gom, accumulate, p, stream);
+  }
+  launch_backward<scalar_t, 1, 1, 0, 0>(v, om, go, gom, accumulate, p, stream);
 }
 
 // Power-of-two fixed-point scale on the device (see the file comment). A non-finite bound gives a NaN
@@ -199,18 +222,18 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
     const at::Tensor scale = fixed_point_scale(offset_mask, grad_output, p);
     FixedPointAtomicAdd add{reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()),
                             scale.const_data_ptr<double>()};
-    dispatch_vector_width<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
     return (fixed.to(at::kDouble) / scale).to(value.scalar_type());
   }
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     at::Tensor grad_value = at::zeros_like(value);
     FloatAtomicAdd<acc_t> add{grad_value.mutable_data_ptr<scalar_t>()};
-    dispatch_vector_width<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
     return grad_value;
   } else {
     at::Tensor buffer = at::zeros(value.sizes(), value.options().dtype(at::kFloat));
     FloatAtomicAdd<acc_t> add{buffer.mutable_data_ptr<float>()};
-    dispatch_vector_width<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
     return buffer.to(value.scalar_type());
   }
 }
@@ -225,6 +248,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(
   TORCH_CHECK(grad_output_in.sizes() == at::IntArrayRef({p.batch, p.out_height, p.out_width, p.channels}),
               "dcnv4_backward: grad_output must have the output's shape");
   TORCH_CHECK(grad_output_in.device() == value_in.device(), "dcnv4_backward: grad_output is on another device");
+  check_image_fits(p);
   const c10::cuda::CUDAGuard guard(value_in.device());
   const at::Tensor value = value_in.contiguous();
   const at::Tensor offset_mask = offset_mask_in.contiguous();

@@ -1,17 +1,21 @@
-// Device helpers shared by the DCNv4 CUDA kernels: vector loads over channels, the per-point geometry,
-// and the launch decomposition.
+// Device helpers shared by the DCNv4 CUDA kernels: vector loads and conversions over channels, the
+// launch decomposition, and vector atomics.
 //
-// Thread mapping (forward and backward): one thread per (output pixel, group, vector of V channels).
-// Consecutive threads walk the channels of a group, then the groups of a pixel, then the pixels, so the
-// V-wide loads of neighbouring threads are contiguous and no thread's work depends on which image its
-// neighbours belong to (a block may span two images without any effect on the result).
+// Thread mapping (forward and backward): a block covers a 2-D tile of output pixels of ONE image and ONE
+// group (gridDim = tiles x (groups * chunks) x images), so neighbouring pixels, whose sampling windows
+// overlap, read their corners through the same L1, and no block ever straddles two images. A thread
+// owns NV vectors of V channels (V * sizeof = 16 bytes on the fast paths): the point geometry (offsets,
+// bilinear weights, corner addresses) is computed once per thread and reused over all its channels, which
+// keeps the instruction count per byte low; `lanes` threads share a pixel when the group is wider.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -34,9 +38,37 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* ptr) {
   return *reinterpret_cast<const Vec<T, V>*>(ptr);
 }
 
-template <typename T, int V>
-__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, V>& vec) {
-  *reinterpret_cast<Vec<T, V>*>(ptr) = vec;
+// Converts a loaded vector to the accumulation type, two elements per instruction for fp16/bf16.
+template <typename T, int V, typename A>
+__device__ __forceinline__ void to_acc(const Vec<T, V>& in, A (&out)[V]) {
+  if constexpr (std::is_same_v<T, at::Half> && V % 2 == 0) {
+    const __half2* pairs = reinterpret_cast<const __half2*>(in.v);
+#pragma unroll
+    for (int e = 0; e < V / 2; ++e) {
+      const float2 f = __half22float2(pairs[e]);
+      out[2 * e] = f.x;
+      out[2 * e + 1] = f.y;
+    }
+  } else if constexpr (std::is_same_v<T, at::BFloat16> && V % 2 == 0) {
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(in.v);
+#pragma unroll
+    for (int e = 0; e < V / 2; ++e) {
+      const float2 f = __bfloat1622float2(pairs[e]);
+      out[2 * e] = f.x;
+      out[2 * e + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = static_cast<A>(in.v[e]);
+  }
+}
+
+template <typename T, int V, typename A>
+__device__ __forceinline__ void store_from_acc(T* ptr, const A* in) {
+  Vec<T, V> out;
+#pragma unroll
+  for (int e = 0; e < V; ++e) out.v[e] = static_cast<T>(in[e]);
+  *reinterpret_cast<Vec<T, V>*>(ptr) = out;
 }
 
 // Widest vector (in elements) that divides the group's channels and that every base pointer allows.
@@ -50,37 +82,104 @@ inline int pick_vector_width(int group_channels, std::initializer_list<const voi
   return kWide;
 }
 
-// Position of the thread's output pixel.
-struct PixelIndex {
-  int n, yo, xo;
-};
+// Channels per thread on the 3x3 paths. Measured on an H200 (docs/dcnv4_kernels.md): one 16-byte vector
+// per thread beats 2-8 vectors, whose larger tiles overflow L1 and leave fewer loads in flight.
+constexpr int kVectorChannels = 0;  // 0: one vector, whatever its width
 
-__device__ __forceinline__ PixelIndex pixel_index(const DCNv4Params& p, int pixel) {
-  const int hw = static_cast<int>(p.out_height * p.out_width);
-  PixelIndex idx;
-  idx.n = pixel / hw;
-  const int rem = pixel - idx.n * hw;
-  idx.yo = rem / static_cast<int>(p.out_width);
-  idx.xo = rem - idx.yo * static_cast<int>(p.out_width);
-  return idx;
+// Vectors per thread: the largest of 8, 4, 2, 1 that divides the group's vectors and keeps a thread's
+// channels at most max_channels.
+inline int pick_vectors_per_thread(int vecs, int vector_width, int max_channels) {
+  for (int nv = 8; nv > 1; nv /= 2) {
+    if (vecs % nv == 0 && nv * vector_width <= max_channels) return nv;
+  }
+  return 1;
 }
 
-// Splits the batch into launches of at most 2^31 - 1 threads, whole images each, so that the kernels
-// index threads with 32-bit arithmetic. Calls launch(first_image, image_count) for each part; the
-// caller offsets its pointers by first_image.
+// The kernels index within one image with 32-bit arithmetic.
+inline void check_image_fits(const DCNv4Params& p) {
+  constexpr int64_t kMax = (int64_t{1} << 31) - 1;
+  TORCH_CHECK(p.height * p.width * p.channels <= kMax && p.out_height * p.out_width * p.channels <= kMax &&
+                  p.out_height * p.out_width * p.om_channels <= kMax,
+              "dcnv4: one image of value/offset_mask/output has more than 2^31 elements; split it");
+}
+
+// How a launch cuts the output into blocks; see the file comment.
+struct TileShape {
+  int lanes;   // threads per (pixel, group, channel chunk)
+  int chunks;  // blocks along the channels of a group (more than one only for very wide groups)
+  int tile_h, tile_w;
+  int tiles_x, tiles;
+  int threads;  // per block: lanes * tile_h * tile_w
+};
+
+inline TileShape make_tile_shape(const DCNv4Params& p, int lanes, int chunks) {
+  TileShape t;
+  t.lanes = lanes;
+  t.chunks = chunks;
+  const int pixels = std::max(1, kThreadsPerBlock / lanes);
+  t.tile_w = pixels >= 128 ? 16 : std::min(pixels, 8);
+  t.tile_h = pixels / t.tile_w;
+  t.tiles_x = static_cast<int>((p.out_width + t.tile_w - 1) / t.tile_w);
+  const int64_t tiles = static_cast<int64_t>(t.tiles_x) * ((p.out_height + t.tile_h - 1) / t.tile_h);
+  TORCH_CHECK(tiles < (int64_t{1} << 31), "dcnv4: output map too large");
+  TORCH_CHECK(static_cast<int64_t>(p.group) * t.chunks < 65536, "dcnv4: too many groups");
+  t.tiles = static_cast<int>(tiles);
+  t.threads = lanes * t.tile_h * t.tile_w;
+  return t;
+}
+
+// The output pixel, group and channel chunk of this thread.
+struct ThreadPlace {
+  int n, g, yo, xo, lane, chunk;
+  bool inside;  // false for the tile's threads past the map's edge
+};
+
+__device__ __forceinline__ ThreadPlace thread_place(const DCNv4Params& p, const TileShape& t) {
+  ThreadPlace place;
+  place.lane = threadIdx.x % t.lanes;
+  const int local = threadIdx.x / t.lanes;
+  const int tile_y = blockIdx.x / t.tiles_x, tile_x = blockIdx.x - tile_y * t.tiles_x;
+  place.yo = tile_y * t.tile_h + local / t.tile_w;
+  place.xo = tile_x * t.tile_w + local % t.tile_w;
+  place.g = blockIdx.y / t.chunks;
+  place.chunk = (blockIdx.y - place.g * t.chunks) * t.lanes + place.lane;
+  place.n = blockIdx.z;
+  place.inside = place.yo < p.out_height && place.xo < p.out_width && threadIdx.x < t.threads;
+  return place;
+}
+
+// Launches over the batch in slices of at most 65535 images (the grid's z limit): launch(first, count).
 template <typename Launch>
-inline void for_each_image_chunk(int64_t images, int64_t threads_per_image, Launch&& launch) {
-  const int64_t limit = (int64_t{1} << 31) - kThreadsPerBlock;
-  TORCH_CHECK(threads_per_image <= limit, "dcnv4: one image needs ", threads_per_image,
-              " threads, more than a launch can index; split the image");
-  const int64_t per_launch = limit / threads_per_image;
-  for (int64_t first = 0; first < images; first += per_launch) {
-    launch(first, std::min(per_launch, images - first));
+inline void for_each_batch_slice(int64_t images, Launch&& launch) {
+  constexpr int64_t kMaxZ = 65535;
+  for (int64_t first = 0; first < images; first += kMaxZ) launch(first, std::min(kMaxZ, images - first));
+}
+
+// Atomic add of V fp32 values at a 16-byte aligned address: vector atomics where the GPU has them
+// (sm_90), scalar atomics otherwise.
+template <int V>
+__device__ __forceinline__ void atomic_add_vec(float* address, const float* values) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVector = V % 4 == 0;
+#else
+  constexpr bool kVector = false;
+#endif
+  if constexpr (kVector) {
+#pragma unroll
+    for (int e = 0; e < V; e += 4) {
+      atomicAdd(reinterpret_cast<float4*>(address + e),
+                make_float4(values[e], values[e + 1], values[e + 2], values[e + 3]));
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) atomicAdd(address + e, values[e]);
   }
 }
 
-inline int blocks_for(int64_t threads) {
-  return static_cast<int>((threads + kThreadsPerBlock - 1) / kThreadsPerBlock);
+template <int V>
+__device__ __forceinline__ void atomic_add_vec(double* address, const double* values) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) atomicAdd(address + e, values[e]);
 }
 
 }  // namespace cuda

@@ -1,6 +1,6 @@
-// DCNv4 forward on CUDA. One thread per (output pixel, group, V channels): it reads its group's offsets
-// and weights once per point (the V-thread siblings read the same addresses, served by one broadcast),
-// computes the bilinear weights in fp32 and accumulates V channels from 16-byte corner loads.
+// DCNv4 forward on CUDA. One thread per (output pixel, group, up to 32 channels), in 2-D tiles
+// (dcnv4_cuda.cuh): it reads its group's offsets and weights once per point, computes the bilinear
+// weights in fp32 once, and accumulates its channels in fp32 from 16-byte corner loads.
 #include <torch/library.h>
 
 #include "dcnv4/cuda/dcnv4_cuda.cuh"
@@ -10,39 +10,46 @@ namespace mmdcnv4 {
 namespace cuda {
 namespace {
 
-template <typename scalar_t, int V>
+// KH and KW > 0 fix the kernel size at compile time (the common 3x3), so the point loop unrolls and the
+// loads of several points can be in flight together; 0 reads it from p.
+template <typename scalar_t, int V, int NV, int KH, int KW>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
-                         scalar_t* __restrict__ output, const DCNv4Params p, const int threads, const int vecs) {
+                         scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t,
+                         const int chunks_per_group) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int item = blockIdx.x * blockDim.x + threadIdx.x;
-  if (item >= threads) return;
-  const int vec = item % vecs;
-  const int pixel_group = item / vecs;
-  const int g = pixel_group % p.group;
-  const int pixel = pixel_group / p.group;
-  const PixelIndex at = pixel_index(p, pixel);
-  const int D = p.group_channels, K = p.points;
-  const int64_t channel = static_cast<int64_t>(g) * D + static_cast<int64_t>(vec) * V;
-  const scalar_t* om = offset_mask + static_cast<int64_t>(pixel) * p.om_channels + static_cast<int64_t>(g) * 3 * K;
-  const scalar_t* image = value + static_cast<int64_t>(at.n) * p.height * p.width * p.channels + channel;
+  constexpr int kChannels = NV * V;  // per thread
+  const ThreadPlace at = thread_place(p, t);
+  if (!at.inside || at.chunk >= chunks_per_group) return;
+  const int kernel_h = KH > 0 ? KH : p.kernel_h, kernel_w = KW > 0 ? KW : p.kernel_w;
+  const int C = static_cast<int>(p.channels), K = p.points;
+  const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+  const int channel = at.g * p.group_channels + at.chunk * kChannels;
+  const int out_pixel = at.yo * static_cast<int>(p.out_width) + at.xo;
+  const int64_t out_image = static_cast<int64_t>(at.n) * p.out_height * p.out_width;
+  const scalar_t* om = offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) +
+                       at.g * 3 * K;
+  const scalar_t* image = value + static_cast<int64_t>(at.n) * H * W * C + channel;
   const auto centre = window_centre<acc_t>(p, at.yo, at.xo);
   const acc_t scale = static_cast<acc_t>(p.offset_scale);
-  const int half_w = (p.dilation_w * (p.kernel_w - 1)) / 2, half_h = (p.dilation_h * (p.kernel_h - 1)) / 2;
+  const int half_w = (p.dilation_w * (kernel_w - 1)) / 2, half_h = (p.dilation_h * (kernel_h - 1)) / 2;
+  const int centre_point = (kernel_w / 2) * kernel_h + kernel_h / 2;
 
-  acc_t acc[V];
+  acc_t acc[kChannels];
 #pragma unroll
-  for (int e = 0; e < V; ++e) acc[e] = acc_t(0);
+  for (int e = 0; e < kChannels; ++e) acc[e] = acc_t(0);
   bool nan_point = false;
-  int k = 0;
-  for (int i = 0; i < p.kernel_w; ++i) {
-    for (int j = 0; j < p.kernel_h; ++j) {
-      if (p.remove_center && i == p.kernel_w / 2 && j == p.kernel_h / 2) continue;
+#pragma unroll
+  for (int i = 0; i < kernel_w; ++i) {
+#pragma unroll
+    for (int j = 0; j < kernel_h; ++j) {
+      const int grid_point = i * kernel_h + j;
+      if (p.remove_center && grid_point == centre_point) continue;
+      const int k = grid_point - (p.remove_center && grid_point > centre_point ? 1 : 0);
       const acc_t x = centre.x + (acc_t(i * p.dilation_w - half_w) + static_cast<acc_t>(om[2 * k])) * scale;
       const acc_t y = centre.y + (acc_t(j * p.dilation_h - half_h) + static_cast<acc_t>(om[2 * k + 1])) * scale;
       const acc_t m = static_cast<acc_t>(om[2 * K + k]);
-      ++k;
-      const auto c = bilinear_corners<acc_t>(y, x, p.height, p.width);
+      const auto c = bilinear_corners<acc_t, int>(y, x, H, W);
       if (!c.used) {
         nan_point |= isnan(x) || isnan(y);  // NaN offsets propagate instead of vanishing
         continue;
@@ -50,32 +57,65 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         if (c.index[q] < 0) continue;
-        const auto v = load_vec<scalar_t, V>(image + c.index[q] * p.channels);
+        const scalar_t* src = image + c.index[q] * C;
         const acc_t w = m * c.weight[q];
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] += w * static_cast<acc_t>(v.v[e]);
+        for (int u = 0; u < NV; ++u) {
+          acc_t f[V];
+          to_acc(load_vec<scalar_t, V>(src + u * V), f);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[u * V + e] += w * f[e];
+        }
       }
     }
   }
-  Vec<scalar_t, V> out;
+  if (nan_point) {
 #pragma unroll
-  for (int e = 0; e < V; ++e) out.v[e] = static_cast<scalar_t>(nan_point ? NAN : acc[e]);
-  store_vec<scalar_t, V>(output + static_cast<int64_t>(pixel) * p.channels + channel, out);
+    for (int e = 0; e < kChannels; ++e) acc[e] = NAN;
+  }
+  scalar_t* out = output + out_image * C + out_pixel * C + channel;
+#pragma unroll
+  for (int u = 0; u < NV; ++u) store_from_acc<scalar_t, V>(out + u * V, acc + u * V);
 }
 
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, int NV, int KH, int KW>
 void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                     cudaStream_t stream) {
-  const int vecs = p.group_channels / V;
-  const int64_t out_pixels = p.out_height * p.out_width;
-  const int64_t threads_per_image = out_pixels * p.group * vecs;
-  for_each_image_chunk(p.batch, threads_per_image, [&](int64_t first, int64_t count) {
-    const int threads = static_cast<int>(count * threads_per_image);
-    dcnv4_forward_kernel<scalar_t, V><<<blocks_for(threads), kThreadsPerBlock, 0, stream>>>(
-        value + first * p.height * p.width * p.channels, offset_mask + first * out_pixels * p.om_channels,
-        output + first * out_pixels * p.channels, p, threads, vecs);
+  const int chunks_per_group = p.group_channels / (V * NV);
+  const int lanes = std::min(chunks_per_group, kThreadsPerBlock);
+  const TileShape t = make_tile_shape(p, lanes, (chunks_per_group + lanes - 1) / lanes);
+  const int64_t out_image = p.out_height * p.out_width;
+  for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
+    const dim3 grid(t.tiles, p.group * t.chunks, static_cast<unsigned>(count));
+    dcnv4_forward_kernel<scalar_t, V, NV, KH, KW><<<grid, t.threads, 0, stream>>>(
+        value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
+        output + first * out_image * p.channels, p, t, chunks_per_group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// Instantiates only what is used: fp64 (for gradcheck) and channel counts that allow no 16-byte vectors
+// take the generic kernel; the others get 16-byte vectors, and the 3x3 kernel up to 32 channels per
+// thread.
+template <typename scalar_t>
+void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
+                      cudaStream_t stream) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  const bool wide = pick_vector_width<scalar_t>(p.group_channels, {value, output}) == kWide;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
+      switch (pick_vectors_per_thread(p.group_channels / kWide, kWide, kVectorChannels)) {
+        case 8:
+          if constexpr (kWide * 8 <= 32) return launch_forward<scalar_t, kWide, 8, 3, 3>(value, offset_mask, output, p, stream);
+          break;
+        case 4: return launch_forward<scalar_t, kWide, 4, 3, 3>(value, offset_mask, output, p, stream);
+        case 2: return launch_forward<scalar_t, kWide, 2, 3, 3>(value, offset_mask, output, p, stream);
+        default: return launch_forward<scalar_t, kWide, 1, 3, 3>(value, offset_mask, output, p, stream);
+      }
+    }
+    if (wide) return launch_forward<scalar_t, kWide, 1, 0, 0>(value, offset_mask, output, p, stream);
+  }
+  launch_forward<scalar_t, 1, 1, 0, 0>(value, offset_mask, output, p, stream);
 }
 
 at::Tensor dcnv4_forward_cuda(const at::Tensor& value_in, const at::Tensor& offset_mask_in, int64_t kernel_h,
@@ -84,6 +124,7 @@ at::Tensor dcnv4_forward_cuda(const at::Tensor& value_in, const at::Tensor& offs
                               bool remove_center) {
   const auto p = make_dcnv4_params(value_in, offset_mask_in, kernel_h, kernel_w, stride_h, stride_w, pad_h,
                                    pad_w, dilation_h, dilation_w, group, offset_scale, remove_center);
+  check_image_fits(p);
   const c10::cuda::CUDAGuard guard(value_in.device());
   const at::Tensor value = value_in.contiguous();
   const at::Tensor offset_mask = offset_mask_in.contiguous();
@@ -91,15 +132,8 @@ at::Tensor dcnv4_forward_cuda(const at::Tensor& value_in, const at::Tensor& offs
   if (output.numel() == 0) return output;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "dcnv4_forward_cuda", [&] {
-    const scalar_t* v = value.const_data_ptr<scalar_t>();
-    const scalar_t* om = offset_mask.const_data_ptr<scalar_t>();
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    constexpr int kWide = 16 / sizeof(scalar_t);
-    if (pick_vector_width<scalar_t>(p.group_channels, {v, out}) == kWide) {
-      launch_forward<scalar_t, kWide>(v, om, out, p, stream);
-    } else {
-      launch_forward<scalar_t, 1>(v, om, out, p, stream);
-    }
+    dispatch_forward<scalar_t>(value.const_data_ptr<scalar_t>(), offset_mask.const_data_ptr<scalar_t>(),
+                               output.mutable_data_ptr<scalar_t>(), p, stream);
   });
   return output;
 }
