@@ -5,6 +5,7 @@ OpenMMLab registries that are installed. It never probes the GPU and never fails
 """
 from . import compat  # noqa: F401  (torch.load compatibility for mmengine checkpoints; first)
 from . import ops  # noqa: F401
+from . import engine, models  # noqa: F401
 from .version import __version__
 
 __all__ = ['__version__', 'ops']

@@ -8,15 +8,48 @@ so the local and http(s) loaders are re-registered with ``weights_only=False``. 
 ``torch.load`` changes.
 """
 import os.path as osp
+import pickle
 
 import torch
 
 __all__ = ['load_trusted_checkpoint', 'patch_mmengine_checkpoint_loading']
 
 
+class _Placeholder(dict):
+    """Stands in for a pickled object whose class cannot be imported here (e.g. a training config)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        self.__dict__['pickled_state'] = state
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Placeholder,), {'__module__': module})
+
+
+class _TolerantPickle:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler survives missing classes."""
+    Unpickler = _TolerantUnpickler
+    load = staticmethod(pickle.load)
+
+
 def load_trusted_checkpoint(filename, map_location=None):
-    """``torch.load`` for a checkpoint file the user chose (full unpickling, as before torch 2.6)."""
-    return torch.load(filename, map_location=map_location, weights_only=False)
+    """``torch.load`` for a checkpoint file the user chose (full unpickling, as before torch 2.6).
+
+    Upstream's ImageNet files can carry their training config as an object of a package that is not
+    installed here (yacs); such objects load as placeholders instead of failing the whole file.
+    """
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=False)
+    except (ImportError, AttributeError):
+        return torch.load(filename, map_location=map_location, weights_only=False, pickle_module=_TolerantPickle)
 
 
 def patch_mmengine_checkpoint_loading():
