@@ -168,8 +168,7 @@ void launch_backward(const scalar_t* value, const scalar_t* offset_mask, const s
   });
 }
 
-// Instantiates only what is used (see dispatch_forward); the backward keeps at most 16 channels per
-// thread, since it holds the output gradient in registers.
+// Instantiates only what is used (see dispatch_forward).
 template <typename scalar_t, typename Accumulate>
 void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, const at::Tensor& grad_output,
                        at::Tensor& grad_offset_mask, Accumulate accumulate, const DCNv4Params& p) {
@@ -182,13 +181,7 @@ void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, c
   const bool wide = pick_vector_width<scalar_t>(p.group_channels, {v, go}) == kWide;
   if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<Accumulate, FixedPointAtomicAdd>) {
     if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
-      switch (pick_vectors_per_thread(p.group_channels / kWide, kWide, kVectorChannels)) {
-        case 4:
-          if constexpr (kWide * 4 <= 16) return launch_backward<scalar_t, kWide, 4, 3, 3>(v, om, go, gom, accumulate, p, stream);
-          break;
-        case 2: return launch_backward<scalar_t, kWide, 2, 3, 3>(v, om, go, gom, accumulate, p, stream);
-        default: return launch_backward<scalar_t, kWide, 1, 3, 3>(v, om, go, gom, accumulate, p, stream);
-      }
+      return launch_backward<scalar_t, kWide, 1, 3, 3>(v, om, go, gom, accumulate, p, stream);
     }
   }
   if constexpr (!std::is_same_v<scalar_t, double>) {

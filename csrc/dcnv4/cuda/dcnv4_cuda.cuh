@@ -4,9 +4,7 @@
 // Thread mapping (forward and backward): a block covers a 2-D tile of output pixels of ONE image and ONE
 // group (gridDim = tiles x (groups * chunks) x images), so neighbouring pixels, whose sampling windows
 // overlap, read their corners through the same L1, and no block ever straddles two images. A thread
-// owns NV vectors of V channels (V * sizeof = 16 bytes on the fast paths): the point geometry (offsets,
-// bilinear weights, corner addresses) is computed once per thread and reused over all its channels, which
-// keeps the instruction count per byte low; `lanes` threads share a pixel when the group is wider.
+// owns NV vectors of V channels (V * sizeof = 16 bytes on the fast paths); `lanes` threads share a pixel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -82,18 +80,8 @@ inline int pick_vector_width(int group_channels, std::initializer_list<const voi
   return kWide;
 }
 
-// Channels per thread on the 3x3 paths. Measured on an H200 (docs/dcnv4_kernels.md): one 16-byte vector
-// per thread beats 2-8 vectors, whose larger tiles overflow L1 and leave fewer loads in flight.
-constexpr int kVectorChannels = 0;  // 0: one vector, whatever its width
-
-// Vectors per thread: the largest of 8, 4, 2, 1 that divides the group's vectors and keeps a thread's
-// channels at most max_channels.
-inline int pick_vectors_per_thread(int vecs, int vector_width, int max_channels) {
-  for (int nv = 8; nv > 1; nv /= 2) {
-    if (vecs % nv == 0 && nv * vector_width <= max_channels) return nv;
-  }
-  return 1;
-}
+// NV (vectors per thread) stays 1 on every path: measured on an H200, 2-8 vectors per thread were up to
+// twice slower (fewer loads in flight, larger tiles overflowing L1), see docs/dcnv4_op.md.
 
 // The kernels index within one image with 32-bit arithmetic.
 inline void check_image_fits(const DCNv4Params& p) {

@@ -94,25 +94,133 @@ void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t
   });
 }
 
+// The 3x3 fast path. Every thread of a pixel needs the same point geometry (corner indices and
+// bilinear weights times m); instead of each thread recomputing it, the block computes it once per
+// (pixel, point) into shared memory, then each thread gathers its 16-byte channel vectors.
+struct PointGeometry {
+  int index[4];    // flat corner pixel index, -1 outside the image; index[0] == kNanPoint: NaN offsets
+  float weight[4];  // m * bilinear weight
+};
+constexpr int kNanPoint = -2;
+constexpr int kMaxSharedPixels = 128;  // 128 pixels x 9 points x 32 bytes = 36 KB of shared memory
+
+template <typename scalar_t, int V, int KH, int KW>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    dcnv4_forward_shared_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
+                                scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t) {
+  constexpr int K_MAX = KH * KW;
+  __shared__ PointGeometry geometry[kMaxSharedPixels * K_MAX];
+  const int K = p.points, C = static_cast<int>(p.channels);
+  const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+  const int g = blockIdx.y, n = blockIdx.z;
+  const int tile_y = blockIdx.x / t.tiles_x, tile_x = blockIdx.x - tile_y * t.tiles_x;
+  const int pixels = t.tile_h * t.tile_w;
+  const int64_t out_image = static_cast<int64_t>(n) * p.out_height * p.out_width;
+  const int centre_point = (KW / 2) * KH + KH / 2;
+  const float scale = static_cast<float>(p.offset_scale);
+  const int half_w = (p.dilation_w * (KW - 1)) / 2, half_h = (p.dilation_h * (KH - 1)) / 2;
+
+  // Phase 1: the geometry of every (pixel, point) of the tile, consecutive threads on consecutive points.
+  for (int e = threadIdx.x; e < pixels * K; e += blockDim.x) {
+    const int local = e / K, k = e - local * K;
+    const int yo = tile_y * t.tile_h + local / t.tile_w, xo = tile_x * t.tile_w + local % t.tile_w;
+    PointGeometry pg;
+    if (yo < p.out_height && xo < p.out_width) {
+      const int grid_point = k + (p.remove_center && k >= centre_point ? 1 : 0);
+      const int i = grid_point / KH, j = grid_point - i * KH;
+      const scalar_t* om = offset_mask + out_image * p.om_channels +
+                           (yo * static_cast<int>(p.out_width) + xo) * static_cast<int>(p.om_channels) + g * 3 * K;
+      const auto centre = window_centre<float>(p, yo, xo);
+      const float x = centre.x + (float(i * p.dilation_w - half_w) + static_cast<float>(om[2 * k])) * scale;
+      const float y = centre.y + (float(j * p.dilation_h - half_h) + static_cast<float>(om[2 * k + 1])) * scale;
+      const float m = static_cast<float>(om[2 * K + k]);
+      const auto c = bilinear_corners<float, int>(y, x, H, W);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        pg.index[q] = c.index[q];
+        pg.weight[q] = m * c.weight[q];
+      }
+      if (!c.used && (isnan(x) || isnan(y))) pg.index[0] = kNanPoint;
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        pg.index[q] = -1;
+        pg.weight[q] = 0.f;
+      }
+    }
+    geometry[e] = pg;
+  }
+  __syncthreads();
+
+  // Phase 2: each thread accumulates its channel vector over the points.
+  const int vec = threadIdx.x % t.lanes, local = threadIdx.x / t.lanes;
+  const int yo = tile_y * t.tile_h + local / t.tile_w, xo = tile_x * t.tile_w + local % t.tile_w;
+  if (local >= pixels || yo >= p.out_height || xo >= p.out_width) return;
+  const int channel = g * p.group_channels + vec * V;
+  const scalar_t* image = value + static_cast<int64_t>(n) * H * W * C + channel;
+  float acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.f;
+  bool nan_point = false;
+  const PointGeometry* mine = geometry + local * K;
+#pragma unroll
+  for (int k = 0; k < K_MAX; ++k) {
+    if (k >= K) break;
+    const PointGeometry pg = mine[k];
+    nan_point |= pg.index[0] == kNanPoint;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (pg.index[q] < 0) continue;
+      float f[V];
+      to_acc(load_vec<scalar_t, V>(image + pg.index[q] * C), f);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] += pg.weight[q] * f[e];
+    }
+  }
+  if (nan_point) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = NAN;
+  }
+  store_from_acc<scalar_t, V>(output + (out_image + yo * p.out_width + xo) * C + channel, acc);
+}
+
+template <typename scalar_t, int V>
+void launch_forward_shared(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output,
+                           const DCNv4Params& p, cudaStream_t stream) {
+  const int vecs = p.group_channels / V;
+  TileShape t = make_tile_shape(p, vecs, 1);
+  if (t.tile_h * t.tile_w > kMaxSharedPixels) {  // at most kMaxSharedPixels pixels: halve the tile's height
+    t.tile_h = kMaxSharedPixels / t.tile_w;
+    t.tiles_x = static_cast<int>((p.out_width + t.tile_w - 1) / t.tile_w);
+    t.tiles = t.tiles_x * static_cast<int>((p.out_height + t.tile_h - 1) / t.tile_h);
+    t.threads = t.lanes * t.tile_h * t.tile_w;
+  }
+  const int64_t out_image = p.out_height * p.out_width;
+  for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
+    const dim3 grid(t.tiles, p.group, static_cast<unsigned>(count));
+    dcnv4_forward_shared_kernel<scalar_t, V, 3, 3><<<grid, t.threads, 0, stream>>>(
+        value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
+        output + first * out_image * p.channels, p, t);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // Instantiates only what is used: fp64 (for gradcheck) and channel counts that allow no 16-byte vectors
-// take the generic kernel; the others get 16-byte vectors, and the 3x3 kernel up to 32 channels per
-// thread.
+// take the generic kernel; the others get 16-byte vectors, and 3x3 the shared-geometry kernel.
 template <typename scalar_t>
 void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                       cudaStream_t stream) {
   constexpr int kWide = 16 / sizeof(scalar_t);
   const bool wide = pick_vector_width<scalar_t>(p.group_channels, {value, output}) == kWide;
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
-      switch (pick_vectors_per_thread(p.group_channels / kWide, kWide, kVectorChannels)) {
-        case 8:
-          if constexpr (kWide * 8 <= 32) return launch_forward<scalar_t, kWide, 8, 3, 3>(value, offset_mask, output, p, stream);
-          break;
-        case 4: return launch_forward<scalar_t, kWide, 4, 3, 3>(value, offset_mask, output, p, stream);
-        case 2: return launch_forward<scalar_t, kWide, 2, 3, 3>(value, offset_mask, output, p, stream);
-        default: return launch_forward<scalar_t, kWide, 1, 3, 3>(value, offset_mask, output, p, stream);
-      }
+    // Sharing the geometry pays when at least 8 threads would recompute it (measured on an H200: 7 %
+    // faster at 8 lanes, 5-35 % slower at 2-4 lanes, where the barrier and the extra pass dominate).
+    const int lanes = p.group_channels / kWide;
+    if (wide && p.kernel_h == 3 && p.kernel_w == 3 && lanes >= 8 && lanes <= kThreadsPerBlock &&
+        std::is_same_v<at::opmath_type<scalar_t>, float>) {
+      return launch_forward_shared<scalar_t, kWide>(value, offset_mask, output, p, stream);
     }
+    if (wide && p.kernel_h == 3 && p.kernel_w == 3) return launch_forward<scalar_t, kWide, 1, 3, 3>(value, offset_mask, output, p, stream);
     if (wide) return launch_forward<scalar_t, kWide, 1, 0, 0>(value, offset_mask, output, p, stream);
   }
   launch_forward<scalar_t, 1, 1, 0, 0>(value, offset_mask, output, p, stream);
