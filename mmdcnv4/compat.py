@@ -1,4 +1,8 @@
-"""Makes mmengine 0.10.7 load its own checkpoints again on torch >= 2.6.
+"""Compatibility fixes for mmengine 0.10.7 on today's torch, applied when mmdcnv4 is imported.
+
+1. Checkpoint loading on torch >= 2.6 (below). 2. The torchrun launcher on CPU-only machines
+(``patch_mmengine_cpu_distributed``).
+
 
 torch 2.6 changed ``torch.load``'s default to ``weights_only=True``. mmengine 0.10.7 calls ``torch.load``
 without the argument, so resuming a run (whose checkpoint holds the message hub, numpy arrays and
@@ -12,7 +16,7 @@ import pickle
 
 import torch
 
-__all__ = ['load_trusted_checkpoint', 'patch_mmengine_checkpoint_loading']
+__all__ = ['load_trusted_checkpoint', 'patch_mmengine_checkpoint_loading', 'patch_mmengine_cpu_distributed']
 
 
 class _Placeholder(dict):
@@ -74,4 +78,31 @@ def patch_mmengine_checkpoint_loading():
     return True
 
 
+def patch_mmengine_cpu_distributed():
+    """Lets mmengine's torchrun launcher start on machines without CUDA (CPU training over gloo).
+
+    mmengine 0.10.7 calls ``torch.cuda.set_device`` unconditionally when it initialises a 'pytorch'
+    launcher, which fails on a CPU-only torch; NCCL, its default backend, needs GPUs anyway. Without CUDA,
+    the process group is created directly, with gloo in place of nccl.
+    """
+    try:
+        import mmengine.dist.utils as dist_utils
+    except ImportError:
+        return False
+    original = dist_utils._init_dist_pytorch
+    if getattr(original, 'handles_cpu', False):
+        return True
+
+    def init_dist_pytorch(backend, init_backend='torch', **kwargs):
+        if torch.cuda.is_available() or init_backend != 'torch':
+            return original(backend, init_backend=init_backend, **kwargs)
+        import torch.distributed as torch_dist
+        torch_dist.init_process_group(backend='gloo' if backend == 'nccl' else backend, **kwargs)
+
+    init_dist_pytorch.handles_cpu = True
+    dist_utils._init_dist_pytorch = init_dist_pytorch
+    return True
+
+
 patch_mmengine_checkpoint_loading()
+patch_mmengine_cpu_distributed()

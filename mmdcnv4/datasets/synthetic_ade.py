@@ -8,8 +8,9 @@ Layout (as ``ADEChallengeData2016``, so mmseg's ADE20K pipelines read it unchang
 The label maps follow ADE20K's index convention: 0 is "other"/unlabelled and is ignored, the classes are
 1..K, and configs read them with ``reduce_zero_label=True`` (0 -> 255, k -> k - 1). Each image is a
 textured ground (class 1) with a few shapes drawn on it: a disc, a box, a triangle and a ring (classes
-2..5), each with its own colour family and texture, plus an unlabelled grey blob (index 0). The content is
-a pure function of (seed, split, index): the same arguments give the same files.
+2..5), each with its own texture (stripes, checks, dots, plain) and a colour drawn so widely that the
+classes' colour ranges overlap, plus sometimes an unlabelled blob (index 0). The content is a pure
+function of (seed, split, index): the same arguments give the same files.
 
 Command line::
 
@@ -29,7 +30,7 @@ PALETTE = [[120, 120, 70], [220, 20, 60], [0, 102, 204], [250, 170, 30], [153, 5
 SPLITS = {'training': 0, 'validation': 1}
 META_FILE = 'synthetic_ade.json'
 
-# Base RGB colour of each class (index 0 = the unlabelled blob) and its texture.
+# Mean RGB colour of each class (index 0 = the unlabelled blob) and its texture.
 _COLOURS = np.array([[128, 128, 128], [96, 140, 72], [200, 50, 50], [50, 90, 200], [220, 200, 40],
                      [170, 60, 200]], np.float32)
 _TEXTURES = ('noise', 'noise', 'stripes', 'checker', 'dots', 'plain')
@@ -96,7 +97,7 @@ def make_sample(seed, split, index, size=96):
         where = label == cls
         if not where.any():
             continue
-        colour = _COLOURS[cls] + rng.uniform(-25, 25, 3)  # colour varies per image
+        colour = _COLOURS[cls] + rng.uniform(-70, 70, 3)  # wide: colour ranges of the classes overlap
         tex = _texture(_TEXTURES[cls], rng, h, w)[where]
         amp = 35.0 if _TEXTURES[cls] != 'noise' else 25.0
         image[where] = colour + amp * tex[:, None]
