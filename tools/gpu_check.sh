@@ -4,6 +4,7 @@
 # tests and the benchmarks, and write logs and tables to $OUT.
 #
 # Usage: tools/gpu_check.sh [STAGE ...]   stages: setup build test bench-op bench-msda bench-backbone
+#        bench-models
 #        (default: all of them, in that order). Environment: OUT (default ./gpu_out), DEVICE_DIR
 #        (default ./.device), TORCH_CUDA_ARCH_LIST (default 9.0), PYTEST_ARGS, TEST_PATHS (default tests).
 set -uo pipefail
@@ -13,7 +14,7 @@ device_dir=${DEVICE_DIR:-.device}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(setup build test bench-op bench-msda bench-backbone)
+[ ${#stages[@]} -gt 0 ] || stages=(setup build test bench-op bench-msda bench-backbone bench-models)
 summary="$out/summary.md"
 echo "# gpu_check $(date -u +%FT%TZ)" > "$summary"
 status=0
@@ -40,6 +41,9 @@ for stage in "${stages[@]}"; do
     bench-msda) [ -f tools/benchmark_msda.py ] && step bench-msda python3 tools/benchmark_msda.py --out "$out/msda.md" ;;
     bench-backbone) [ -f tools/benchmark_backbone.py ] &&
       step bench-backbone python3 tools/benchmark_backbone.py --out "$out/backbone.md" ;;
+    bench-models)
+      step bench-det python3 tools/benchmark_models.py --task det --amp --out "$out/detection.md"
+      step bench-seg python3 tools/benchmark_models.py --task seg --amp --out "$out/segmentation.md" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
