@@ -1,0 +1,39 @@
+# Cascade Mask R-CNN + FlashInternImage-L + LayerNorm FPN, 3x schedule (36 epochs),
+# DETR-style multi-scale + crop augmentation.
+# Upstream result (COCO val2017): box mAP 56.7, mask mAP 48.9.
+# Recipe: drop path 0.4, with_cp True, AdamW lr 0.0002 wd 0.05, layer decay 0.9, offset_lr_scale 0.01,
+# 4 images per GPU on 8 GPUs (total batch 32).
+_base_ = [
+    '../_base_/models/cascade-mask-rcnn_flash-internimage_fpn.py',
+    '../_base_/datasets/coco_instance_ms-crop.py',
+    '../_base_/schedules/schedule_3x.py', '../_base_/default_runtime.py'
+]
+custom_imports = dict(imports=['mmdcnv4'], allow_failed_imports=False)
+
+pretrained = 'https://huggingface.co/OpenGVLab/DCNv4/resolve/main/flash_intern_image_l_22k_384.pth'
+model = dict(
+    backbone=dict(
+        arch='l',
+        drop_path_rate=0.4,
+        layer_scale=1.0,
+        with_cp=True,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[160, 320, 640, 1280]))
+
+train_dataloader = dict(batch_size=4)
+
+optim_wrapper = dict(
+    optimizer=dict(type='AdamW', lr=0.0002, betas=(0.9, 0.999), weight_decay=0.05),
+    constructor='CustomLayerDecayOptimizerConstructor',
+    paramwise_cfg=dict(
+        num_layers=37, layer_decay_rate=0.9, depths=[5, 5, 22, 5], offset_lr_scale=0.01))
+
+# exponential moving average of the weights (momentum 1e-4, ramped up over the first
+# 2000 iterations as in mmdet 2.x ExpMomentumEMAHook); evaluation uses the averaged weights
+custom_hooks = [
+    dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0001, update_buffers=True,
+         priority=49)
+]
+
+# lr is set for this total batch (8 GPUs x 4 images); see configs/README.md
+auto_scale_lr = dict(enable=False, base_batch_size=32)

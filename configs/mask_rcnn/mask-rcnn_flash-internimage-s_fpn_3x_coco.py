@@ -1,0 +1,32 @@
+# Mask R-CNN + FlashInternImage-S + LayerNorm FPN, 3x schedule (36 epochs),
+# DETR-style multi-scale + crop augmentation.
+# Upstream result (COCO val2017): box mAP 50.5, mask mAP 44.9.
+# Recipe: drop path 0.4, with_cp True, AdamW lr 0.0002 wd 0.05, layer decay 1.0, offset_lr_scale 1.0,
+# 8 images per GPU on 8 GPUs (total batch 64).
+_base_ = [
+    '../_base_/models/mask-rcnn_flash-internimage_fpn.py',
+    '../_base_/datasets/coco_instance_ms-crop.py',
+    '../_base_/schedules/schedule_3x.py', '../_base_/default_runtime.py'
+]
+custom_imports = dict(imports=['mmdcnv4'], allow_failed_imports=False)
+
+pretrained = 'https://huggingface.co/OpenGVLab/DCNv4/resolve/main/flash_intern_image_s_1k_224.pth'
+model = dict(
+    backbone=dict(
+        arch='s',
+        drop_path_rate=0.4,
+        layer_scale=1.0,
+        with_cp=True,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[80, 160, 320, 640]))
+
+train_dataloader = dict(batch_size=8)
+
+optim_wrapper = dict(
+    optimizer=dict(type='AdamW', lr=0.0002, betas=(0.9, 0.999), weight_decay=0.05),
+    constructor='CustomLayerDecayOptimizerConstructor',
+    paramwise_cfg=dict(
+        num_layers=33, layer_decay_rate=1.0, depths=[4, 4, 21, 4], offset_lr_scale=1.0))
+
+# lr is set for this total batch (8 GPUs x 8 images); see configs/README.md
+auto_scale_lr = dict(enable=False, base_batch_size=64)
