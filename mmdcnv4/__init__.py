@@ -3,7 +3,7 @@
 Importing the package registers its ops with torch's dispatcher and its layers and models with the
 OpenMMLab registries that are installed. It never probes the GPU and never fails for want of one.
 """
-from . import compat  # noqa: F401  (torch.load compatibility for mmengine checkpoints; first)
+from . import compat  # noqa: F401  (mmengine fixes: checkpoint loading on torch >= 2.6, CPU launches; first)
 from . import ops  # noqa: F401
 from . import engine, models  # noqa: F401
 from .version import __version__
