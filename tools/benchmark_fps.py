@@ -32,6 +32,8 @@ from mmengine.registry import MODELS, init_default_scope  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
+from mmdcnv4.datasets.random_batch import random_batch  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Measure inference images/s')
@@ -51,27 +53,10 @@ def parse_args(argv=None):
     return args
 
 
-def fake_batch(scope, height, width, batch_size=1, seed=0):
-    """A batch as a dataloader yields it (uint8 CHW images plus data samples with their metainfo)."""
-    gen = torch.Generator().manual_seed(seed)
-    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
-                scale_factor=(1.0, 1.0), img_path='', img_id=0)
-    if scope == 'mmseg':
-        from mmseg.structures import SegDataSample as Sample
-    elif scope == 'mmdet':
-        from mmdet.structures import DetDataSample as Sample
-    else:
-        raise ValueError(f'--shape builds inputs for mmdet and mmseg configs, not default_scope={scope!r}')
-    inputs = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)
-              for _ in range(batch_size)]
-    samples = [Sample(metainfo=dict(meta, img_id=i)) for i in range(batch_size)]
-    return dict(inputs=inputs, data_samples=samples)
-
-
 def _batches(cfg, args, scope):
     if args.shape is not None:
         h, w = (args.shape[0], args.shape[0]) if len(args.shape) == 1 else args.shape
-        batch = fake_batch(scope, h, w, args.batch_size)
+        batch = random_batch(scope, h, w, args.batch_size)
         while True:
             yield batch
     loader_cfg = cfg.test_dataloader.copy()

@@ -49,40 +49,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def random_batch(scope, shape, batch, gen, with_gt):
-    """A batch as the dataloader yields it: uint8 CHW images and data samples with ground truth."""
-    import numpy as np
-    import torch
-    from mmengine.structures import InstanceData, PixelData
-    h, w = shape
-    inputs, samples = [], []
-    for _ in range(batch):
-        inputs.append(torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8))
-        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), scale_factor=(1.0, 1.0), img_id=0,
-                    img_path='', flip=False, flip_direction=None, reduce_zero_label=False)
-        if scope == 'mmdet':
-            from mmdet.structures import DetDataSample
-            from mmdet.structures.mask import BitmapMasks
-            sample = DetDataSample(metainfo=meta)
-            if with_gt:
-                n = 8
-                xy = torch.rand(n, 2, generator=gen) * torch.tensor([w * 0.7, h * 0.7])
-                wh = 32 + torch.rand(n, 2, generator=gen) * torch.tensor([w * 0.25, h * 0.25])
-                boxes = torch.cat([xy, xy + wh], dim=1)
-                masks = np.zeros((n, h, w), dtype=np.uint8)
-                for i, (x0, y0, x1, y1) in enumerate(boxes.round().int().tolist()):
-                    masks[i, y0:y1, x0:x1] = 1
-                sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, 80, (n,), generator=gen),
-                                                   masks=BitmapMasks(masks, h, w))
-        else:
-            from mmseg.structures import SegDataSample
-            sample = SegDataSample(metainfo=meta)
-            if with_gt:
-                sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, h, w), generator=gen))
-        samples.append(sample)
-    return dict(inputs=inputs, data_samples=samples)
-
-
 def median_ms(step, iters, warmup, device):
     import torch
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
@@ -105,17 +71,16 @@ def measure(name, config, task, args):
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import MODELS, init_default_scope
 
-    import mmdcnv4  # noqa: F401
+    from mmdcnv4.datasets.random_batch import random_batch
     init_default_scope(task['scope'])
     # 'mmdet::...' names a config shipped inside the package
     cfg = get_config(config) if '::' in config else Config.fromfile(config)
     model = revert_sync_batchnorm(MODELS.build(cfg.model)).to(args.device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    gen = torch.Generator().manual_seed(0)
     rows = []
     for precision in (['fp32', 'fp16'] if args.amp else ['fp32']):
         autocast = torch.autocast(args.device, dtype=torch.float16, enabled=precision == 'fp16')
-        test_batch = random_batch(task['scope'], task['shape'], 1, gen, with_gt=False)
+        test_batch = random_batch(task['scope'], *task['shape'])
         model.eval()
 
         def infer():
@@ -126,7 +91,7 @@ def measure(name, config, task, args):
         optim_cfg = dict(cfg.optim_wrapper)
         optim_cfg['type'] = 'AmpOptimWrapper' if precision == 'fp16' else optim_cfg.get('type', 'OptimWrapper')
         optim_wrapper = build_optim_wrapper(model, optim_cfg)
-        train_batch = random_batch(task['scope'], task['shape'], args.train_batch, gen, with_gt=True)
+        train_batch = random_batch(task['scope'], *task['shape'], args.train_batch, seed=1, with_gt=True)
         model.train()
         train_ms = median_ms(lambda: model.train_step(train_batch, optim_wrapper), args.iters, args.warmup,
                              args.device)

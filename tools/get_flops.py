@@ -29,6 +29,8 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import MODELS, init_default_scope  # noqa: E402
 
+from mmdcnv4.datasets.random_batch import random_batch  # noqa: E402
+
 DEFAULT_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 512)}
 
 
@@ -42,23 +44,6 @@ def parse_args(argv=None):
     if args.shape is not None and len(args.shape) not in (1, 2):
         parser.error('--shape takes one or two integers')
     return args
-
-
-def fake_batch(scope, height, width, batch_size=1, seed=0):
-    """A batch as a dataloader yields it (uint8 CHW images plus data samples with their metainfo)."""
-    gen = torch.Generator().manual_seed(seed)
-    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
-                scale_factor=(1.0, 1.0), img_path='', img_id=0)
-    if scope == 'mmseg':
-        from mmseg.structures import SegDataSample as Sample
-    elif scope == 'mmdet':
-        from mmdet.structures import DetDataSample as Sample
-    else:
-        raise ValueError(f'fake inputs are built for mmdet and mmseg configs, not default_scope={scope!r}')
-    inputs = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)
-              for _ in range(batch_size)]
-    samples = [Sample(metainfo=dict(meta, img_id=i)) for i in range(batch_size)]
-    return dict(inputs=inputs, data_samples=samples)
 
 
 def dcnv4_flop_jit(inputs, outputs):
@@ -93,7 +78,7 @@ def count(cfg, shape=None):
     model = MODELS.build(cfg.model)
     model.eval()
     with torch.no_grad():
-        data = model.data_preprocessor(fake_batch(scope, height, width), False)
+        data = model.data_preprocessor(random_batch(scope, height, width), False)
         wrapped = _TensorMode(model, data['data_samples'])
         analyzer = FlopAnalyzer(wrapped, (data['inputs'], ))
         analyzer.set_op_handle('mmdcnv4::dcnv4_forward', dcnv4_flop_jit)

@@ -7,6 +7,7 @@ import importlib
 _EXPORTS = {
     'generate_synthetic_coco': 'synthetic_coco',
     'synthetic_coco_exists': 'synthetic_coco',
+    'random_batch': 'random_batch',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -53,14 +53,13 @@ __device__ __forceinline__ acc_t reduce_lanes(acc_t value, int lanes) {
 // Per point and corner q, s_q = sum over the thread's channels of grad_output * value_q. The weight
 // gradient is sum_q w_q s_q and the offset gradients are fixed combinations of the s_q (the bilinear
 // derivative), so a channel costs one multiply-add per corner, plus its share of the value scatter.
-template <typename scalar_t, int V, int NV, int KH, int KW, typename Accumulate>
+template <typename scalar_t, int V, int KH, int KW, typename Accumulate>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_backward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                           const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
                           const Accumulate accumulate, const DCNv4Params p, const TileShape t,
-                          const int chunks_per_group) {
+                          const int vecs) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kChannels = NV * V;  // per thread and chunk
   const ThreadPlace at = thread_place(p, t);
   // Threads past the map's edge stay to take part in the shuffles; they read and write nothing.
   const bool active = at.inside;
@@ -100,31 +99,27 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         const acc_t hx = acc_t(1) - c.lx, hy = acc_t(1) - c.ly;
         const acc_t dx_coef[4] = {-hy, hy, -c.ly, c.ly};
         const acc_t dy_coef[4] = {-hx, -c.lx, hx, c.lx};
-        for (int chunk = at.lane; chunk < chunks_per_group; chunk += t.lanes) {
-          const int ch = chunk * kChannels;
-          acc_t g[kChannels];
-#pragma unroll
-          for (int u = 0; u < NV; ++u) to_acc(load_vec<scalar_t, V>(gout + ch + u * V), *reinterpret_cast<acc_t(*)[V]>(g + u * V));
+        for (int vec = at.lane; vec < vecs; vec += t.lanes) {
+          const int ch = vec * V;
+          acc_t g[V];
+          to_acc(load_vec<scalar_t, V>(gout + ch), g);
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             if (c.index[q] < 0) continue;
             const int offset = c.index[q] * C + ch;
+            acc_t f[V];
+            to_acc(load_vec<scalar_t, V>(image + offset), f);
             acc_t s = 0;
 #pragma unroll
-            for (int u = 0; u < NV; ++u) {
-              acc_t f[V];
-              to_acc(load_vec<scalar_t, V>(image + offset + u * V), f);
-#pragma unroll
-              for (int e = 0; e < V; ++e) s += g[u * V + e] * f[e];
-            }
+            for (int e = 0; e < V; ++e) s += g[e] * f[e];
             grad_m += c.weight[q] * s;
             grad_x += dx_coef[q] * s;
             grad_y += dy_coef[q] * s;
             const acc_t w = m * c.weight[q];
-            acc_t contribution[kChannels];
+            acc_t contribution[V];
 #pragma unroll
-            for (int e = 0; e < kChannels; ++e) contribution[e] = w * g[e];
-            accumulate.template add<kChannels>(image_offset + channel0 + offset, contribution);
+            for (int e = 0; e < V; ++e) contribution[e] = w * g[e];
+            accumulate.template add<V>(image_offset + channel0 + offset, contribution);
           }
         }
       }
@@ -142,28 +137,28 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-int lanes_for(int chunks) {
+int lanes_for(int vecs) {
   int lanes = 1;
-  while (lanes < chunks && lanes < 32) lanes *= 2;
+  while (lanes < vecs && lanes < 32) lanes *= 2;
   return lanes;
 }
 
-template <typename scalar_t, int V, int NV, int KH, int KW, typename Accumulate>
+template <typename scalar_t, int V, int KH, int KW, typename Accumulate>
 void launch_backward(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                      scalar_t* grad_offset_mask, Accumulate accumulate, const DCNv4Params& p, cudaStream_t stream) {
-  const int chunks_per_group = p.group_channels / (V * NV);
+  const int vecs = p.group_channels / V;
   // Lanes of a pixel stay inside one warp (for the shuffles) and loop over the group's chunks.
-  const TileShape t = make_tile_shape(p, lanes_for(chunks_per_group), 1);
+  const TileShape t = make_tile_shape(p, lanes_for(vecs), 1);
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     // The accumulator indexes the whole value gradient: offset its base like the inputs.
     Accumulate slice = accumulate;
     slice.base += first * p.height * p.width * p.channels;
     const dim3 grid(t.tiles, p.group, static_cast<unsigned>(count));
-    dcnv4_backward_kernel<scalar_t, V, NV, KH, KW, Accumulate><<<grid, t.threads, 0, stream>>>(
+    dcnv4_backward_kernel<scalar_t, V, KH, KW, Accumulate><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         grad_output + first * out_image * p.channels, grad_offset_mask + first * out_image * p.om_channels,
-        slice, p, t, chunks_per_group);
+        slice, p, t, vecs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -181,13 +176,13 @@ void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, c
   const bool wide = pick_vector_width<scalar_t>(p.group_channels, {v, go}) == kWide;
   if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<Accumulate, FixedPointAtomicAdd>) {
     if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
-      return launch_backward<scalar_t, kWide, 1, 3, 3>(v, om, go, gom, accumulate, p, stream);
+      return launch_backward<scalar_t, kWide, 3, 3>(v, om, go, gom, accumulate, p, stream);
     }
   }
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (wide) return launch_backward<scalar_t, kWide, 1, 0, 0>(v, om, go, gom, accumulate, p, stream);
+    if (wide) return launch_backward<scalar_t, kWide, 0, 0>(v, om, go, gom, accumulate, p, stream);
   }
-  launch_backward<scalar_t, 1, 1, 0, 0>(v, om, go, gom, accumulate, p, stream);
+  launch_backward<scalar_t, 1, 0, 0>(v, om, go, gom, accumulate, p, stream);
 }
 
 // Power-of-two fixed-point scale on the device (see the file comment). A non-finite bound gives a NaN

@@ -4,7 +4,7 @@
 // Thread mapping (forward and backward): a block covers a 2-D tile of output pixels of ONE image and ONE
 // group (gridDim = tiles x (groups * chunks) x images), so neighbouring pixels, whose sampling windows
 // overlap, read their corners through the same L1, and no block ever straddles two images. A thread
-// owns NV vectors of V channels (V * sizeof = 16 bytes on the fast paths); `lanes` threads share a pixel.
+// owns one vector of V channels (V * sizeof = 16 bytes on the fast paths); `lanes` threads share a pixel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -80,8 +80,8 @@ inline int pick_vector_width(int group_channels, std::initializer_list<const voi
   return kWide;
 }
 
-// NV (vectors per thread) stays 1 on every path: measured on an H200, 2-8 vectors per thread were up to
-// twice slower (fewer loads in flight, larger tiles overflowing L1), see docs/dcnv4_op.md.
+// One vector per thread: measured on an H200, 2-8 vectors per thread were up to twice slower (fewer
+// loads in flight, larger tiles overflowing L1), see docs/dcnv4_op.md.
 
 // The kernels index within one image with 32-bit arithmetic.
 inline void check_image_fits(const DCNv4Params& p) {
@@ -116,9 +116,9 @@ inline TileShape make_tile_shape(const DCNv4Params& p, int lanes, int chunks) {
   return t;
 }
 
-// The output pixel, group and channel chunk of this thread.
+// The output pixel, group and channel vector of this thread.
 struct ThreadPlace {
-  int n, g, yo, xo, lane, chunk;
+  int n, g, yo, xo, lane, vec;
   bool inside;  // false for the tile's threads past the map's edge
 };
 
@@ -130,7 +130,7 @@ __device__ __forceinline__ ThreadPlace thread_place(const DCNv4Params& p, const 
   place.yo = tile_y * t.tile_h + local / t.tile_w;
   place.xo = tile_x * t.tile_w + local % t.tile_w;
   place.g = blockIdx.y / t.chunks;
-  place.chunk = (blockIdx.y - place.g * t.chunks) * t.lanes + place.lane;
+  place.vec = (blockIdx.y - place.g * t.chunks) * t.lanes + place.lane;
   place.n = blockIdx.z;
   place.inside = place.yo < p.out_height && place.xo < p.out_width && threadIdx.x < t.threads;
   return place;

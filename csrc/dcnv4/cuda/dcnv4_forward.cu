@@ -12,19 +12,18 @@ namespace {
 
 // KH and KW > 0 fix the kernel size at compile time (the common 3x3), so the point loop unrolls and the
 // loads of several points can be in flight together; 0 reads it from p.
-template <typename scalar_t, int V, int NV, int KH, int KW>
+template <typename scalar_t, int V, int KH, int KW>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                          scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t,
-                         const int chunks_per_group) {
+                         const int vecs) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kChannels = NV * V;  // per thread
   const ThreadPlace at = thread_place(p, t);
-  if (!at.inside || at.chunk >= chunks_per_group) return;
+  if (!at.inside || at.vec >= vecs) return;
   const int kernel_h = KH > 0 ? KH : p.kernel_h, kernel_w = KW > 0 ? KW : p.kernel_w;
   const int C = static_cast<int>(p.channels), K = p.points;
   const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
-  const int channel = at.g * p.group_channels + at.chunk * kChannels;
+  const int channel = at.g * p.group_channels + at.vec * V;
   const int out_pixel = at.yo * static_cast<int>(p.out_width) + at.xo;
   const int64_t out_image = static_cast<int64_t>(at.n) * p.out_height * p.out_width;
   const scalar_t* om = offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) +
@@ -35,9 +34,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int half_w = (p.dilation_w * (kernel_w - 1)) / 2, half_h = (p.dilation_h * (kernel_h - 1)) / 2;
   const int centre_point = (kernel_w / 2) * kernel_h + kernel_h / 2;
 
-  acc_t acc[kChannels];
+  acc_t acc[V];
 #pragma unroll
-  for (int e = 0; e < kChannels; ++e) acc[e] = acc_t(0);
+  for (int e = 0; e < V; ++e) acc[e] = acc_t(0);
   bool nan_point = false;
 #pragma unroll
   for (int i = 0; i < kernel_w; ++i) {
@@ -57,39 +56,33 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         if (c.index[q] < 0) continue;
-        const scalar_t* src = image + c.index[q] * C;
         const acc_t w = m * c.weight[q];
+        acc_t f[V];
+        to_acc(load_vec<scalar_t, V>(image + c.index[q] * C), f);
 #pragma unroll
-        for (int u = 0; u < NV; ++u) {
-          acc_t f[V];
-          to_acc(load_vec<scalar_t, V>(src + u * V), f);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[u * V + e] += w * f[e];
-        }
+        for (int e = 0; e < V; ++e) acc[e] += w * f[e];
       }
     }
   }
   if (nan_point) {
 #pragma unroll
-    for (int e = 0; e < kChannels; ++e) acc[e] = NAN;
+    for (int e = 0; e < V; ++e) acc[e] = NAN;
   }
-  scalar_t* out = output + out_image * C + out_pixel * C + channel;
-#pragma unroll
-  for (int u = 0; u < NV; ++u) store_from_acc<scalar_t, V>(out + u * V, acc + u * V);
+  store_from_acc<scalar_t, V>(output + out_image * C + out_pixel * C + channel, acc);
 }
 
-template <typename scalar_t, int V, int NV, int KH, int KW>
+template <typename scalar_t, int V, int KH, int KW>
 void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                     cudaStream_t stream) {
-  const int chunks_per_group = p.group_channels / (V * NV);
-  const int lanes = std::min(chunks_per_group, kThreadsPerBlock);
-  const TileShape t = make_tile_shape(p, lanes, (chunks_per_group + lanes - 1) / lanes);
+  const int vecs = p.group_channels / V;
+  const int lanes = std::min(vecs, kThreadsPerBlock);
+  const TileShape t = make_tile_shape(p, lanes, (vecs + lanes - 1) / lanes);
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     const dim3 grid(t.tiles, p.group * t.chunks, static_cast<unsigned>(count));
-    dcnv4_forward_kernel<scalar_t, V, NV, KH, KW><<<grid, t.threads, 0, stream>>>(
+    dcnv4_forward_kernel<scalar_t, V, KH, KW><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
-        output + first * out_image * p.channels, p, t, chunks_per_group);
+        output + first * out_image * p.channels, p, t, vecs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -220,10 +213,10 @@ void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar
         std::is_same_v<at::opmath_type<scalar_t>, float>) {
       return launch_forward_shared<scalar_t, kWide>(value, offset_mask, output, p, stream);
     }
-    if (wide && p.kernel_h == 3 && p.kernel_w == 3) return launch_forward<scalar_t, kWide, 1, 3, 3>(value, offset_mask, output, p, stream);
-    if (wide) return launch_forward<scalar_t, kWide, 1, 0, 0>(value, offset_mask, output, p, stream);
+    if (wide && p.kernel_h == 3 && p.kernel_w == 3) return launch_forward<scalar_t, kWide, 3, 3>(value, offset_mask, output, p, stream);
+    if (wide) return launch_forward<scalar_t, kWide, 0, 0>(value, offset_mask, output, p, stream);
   }
-  launch_forward<scalar_t, 1, 1, 0, 0>(value, offset_mask, output, p, stream);
+  launch_forward<scalar_t, 1, 0, 0>(value, offset_mask, output, p, stream);
 }
 
 at::Tensor dcnv4_forward_cuda(const at::Tensor& value_in, const at::Tensor& offset_mask_in, int64_t kernel_h,
