@@ -19,11 +19,20 @@ def load_error():
         from mmdcnv4 import _C  # noqa: F401  (registers the torch.ops.mmdcnv4 kernels)
     except (ImportError, OSError) as err:
         return f'mmdcnv4._C could not be loaded ({err}).'
+    # Autograd of the ops is registered in C++ (csrc/*/*_autograd.cpp): an older build would run the
+    # kernels but lose the gradients.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key('mmdcnv4::dcnv4_forward', 'Autograd'):
+        return 'mmdcnv4._C is out of date (it has no autograd kernels, so gradients would be lost).'
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op_name, device_type):
-    """Whether ``torch.ops.mmdcnv4.<op_name>`` has a kernel for ``device_type`` ('cpu' or 'cuda')."""
+    """Whether ``torch.ops.mmdcnv4.<op_name>`` has a kernel for ``device_type`` ('cpu' or 'cuda').
+
+    Cached: the registrations do not change once ``mmdcnv4._C`` is loaded, and the dispatcher query costs
+    about as much as a small op call.
+    """
     if load_error() is not None:
         return False
     key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)

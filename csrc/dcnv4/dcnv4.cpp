@@ -1,5 +1,5 @@
-// Schema of the DCNv4 ops. Kernels: cpu/dcnv4_cpu.cpp and cuda/*.cu; autograd and fake kernels:
-// mmdcnv4/ops/dcnv4.py.
+// Schema of the DCNv4 ops. Kernels: cpu/dcnv4_cpu.cpp and cuda/*.cu; autograd kernel: dcnv4_autograd.cpp;
+// fake kernels (for torch.compile): mmdcnv4/ops/dcnv4.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mmdcnv4, m) {

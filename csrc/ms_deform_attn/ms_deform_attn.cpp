@@ -3,8 +3,8 @@
 //    attention_weights (N, Len_q, heads, L, P), used as given;
 //  - flash_deform_attn_*: the packed layout sampling_loc_attn (N, Len_q, heads, 3*L*P), the 2*L*P
 //    locations then the L*P logits of each head, with the softmax over all L*P points done in the op.
-// Kernels: cpu/ms_deform_attn_cpu.cpp and cuda/*.cu; autograd and fake kernels:
-// mmdcnv4/ops/ms_deform_attn.py. The math is in shared/spec/dcnv4-op.md section 2.
+// Kernels: cpu/ms_deform_attn_cpu.cpp and cuda/*.cu; autograd kernels: ms_deform_attn_autograd.cpp; fake
+// kernels (for torch.compile): mmdcnv4/ops/ms_deform_attn.py. The math is in shared/spec/dcnv4-op.md section 2.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mmdcnv4, m) {

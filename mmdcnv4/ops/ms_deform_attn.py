@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (Deformable-DETR's MSDA): argument checks, autograd, fake kernels.
+"""Multi-scale deformable attention (Deformable-DETR's MSDA): argument checks and fake kernels.
 
 Two layouts of the same operator (``shared/spec/dcnv4-op.md`` section 2, ``docs/ms_deform_attn.md``):
 
@@ -9,8 +9,9 @@ Two layouts of the same operator (``shared/spec/dcnv4-op.md`` section 2, ``docs/
   logits, whose softmax (fp32, max-subtracted) the op computes itself.
 
 The kernels live in ``csrc/ms_deform_attn`` and are registered as ``torch.ops.mmdcnv4.
-{ms,flash}_deform_attn_{forward,backward}`` (CPU and CUDA). This file wires them to autograd and
-``torch.compile``.
+{ms,flash}_deform_attn_{forward,backward}`` (CPU and CUDA), together with the autograd kernels of the forward
+ops (``csrc/ms_deform_attn/ms_deform_attn_autograd.cpp``, in C++ for their low per-call host overhead). This
+file adds the fake kernels ``torch.compile`` needs.
 
 Autocast policy (as for :func:`mmdcnv4.ops.dcnv4`): the ops have no autocast kernel of their own. They run
 in the dtype of their inputs and accumulate in fp32 (fp64 for fp64). Inside an autocast region, if the
@@ -48,8 +49,9 @@ def _check_float(tensor, name, dims, layout):
 def _check_index(tensor, name, shape_text, dims):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f'{name} must be a torch.Tensor, got {type(tensor).__name__}')
-    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
-        raise TypeError(f'{name} must be an integer (int64) tensor, got {tensor.dtype}')
+    dtype = tensor.dtype
+    if dtype != torch.int64 and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+        raise TypeError(f'{name} must be an integer (int64) tensor, got {dtype}')
     if tensor.dim() != dims:
         raise ValueError(f'{name} must be {shape_text}, got shape {tuple(tensor.shape)}')
 
@@ -64,11 +66,13 @@ def _level_tables(value, spatial_shapes, level_start_index, check_levels):
     if level_start_index.shape[0] != levels:
         raise ValueError(f'level_start_index must have one entry per level ({levels}), got shape '
                          f'{tuple(level_start_index.shape)}')
-    for name, table in (('spatial_shapes', spatial_shapes), ('level_start_index', level_start_index)):
-        if table.device != value.device and table.device.type != 'cpu':
-            raise ValueError(f'{name} must be on the device of value ({value.device}) or on the CPU, got '
-                             f'{table.device}')
-    on_cpu = spatial_shapes.device.type == 'cpu' and level_start_index.device.type == 'cpu'
+    # Each .device builds a new torch.device: read them once.
+    device, shapes_device, starts_device = value.device, spatial_shapes.device, level_start_index.device
+    for name, table_device in (('spatial_shapes', shapes_device), ('level_start_index', starts_device)):
+        if table_device != device and table_device.type != 'cpu':
+            raise ValueError(f'{name} must be on the device of value ({device}) or on the CPU, got '
+                             f'{table_device}')
+    on_cpu = shapes_device.type == 'cpu' and starts_device.type == 'cpu'
     if check_levels is None:
         check_levels = on_cpu
     if check_levels and not torch.compiler.is_compiling():
@@ -86,10 +90,10 @@ def _level_tables(value, spatial_shapes, level_start_index, check_levels):
         if starts != expected:
             raise ValueError(f'level_start_index must be the exclusive prefix sums of H*W, {expected}, got '
                              f'{starts}')
-    if spatial_shapes.dtype != torch.int64 or spatial_shapes.device != value.device:
-        spatial_shapes = spatial_shapes.to(device=value.device, dtype=torch.int64)
-    if level_start_index.dtype != torch.int64 or level_start_index.device != value.device:
-        level_start_index = level_start_index.to(device=value.device, dtype=torch.int64)
+    if spatial_shapes.dtype != torch.int64 or shapes_device != device:
+        spatial_shapes = spatial_shapes.to(device=device, dtype=torch.int64)
+    if level_start_index.dtype != torch.int64 or starts_device != device:
+        level_start_index = level_start_index.to(device=device, dtype=torch.int64)
     return spatial_shapes, level_start_index
 
 
@@ -138,7 +142,8 @@ def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_att
     """
     _check_float(value, 'value', 4, '(N, Len_in, heads, D)')
     _check_float(sampling_loc_attn, 'sampling_loc_attn', 4, '(N, Len_q, heads, 3 * L * P)')
-    if not isinstance(num_points, numbers.Integral) or isinstance(num_points, bool):
+    # `type(...) is int` first: the numbers.Integral (ABC) check is slow for a per-call check.
+    if type(num_points) is not int and (not isinstance(num_points, numbers.Integral) or isinstance(num_points, bool)):
         raise TypeError(f'num_points must be an int, got {num_points!r}')
     if num_points < 1:
         raise ValueError(f'num_points must be >= 1, got {num_points}')
@@ -201,7 +206,11 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 
 
 def _register():
-    """Autograd and fake kernels for the ops defined in ``csrc/ms_deform_attn/ms_deform_attn.cpp``."""
+    """Fake (meta) kernels for the ops defined in ``csrc/ms_deform_attn/ms_deform_attn.cpp``, for torch.compile.
+
+    The autograd kernels of the two forward ops are C++ (``csrc/ms_deform_attn/ms_deform_attn_autograd.cpp``):
+    far less host time per call than a Python autograd formula.
+    """
 
     @torch.library.register_fake('mmdcnv4::flash_deform_attn_forward')
     def _flash_forward_fake(value, spatial_shapes, level_start_index, sampling_loc_attn, num_points):
@@ -223,33 +232,6 @@ def _register():
                           grad_output, deterministic):
         return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
                 attention_weights.new_empty(attention_weights.shape))
-
-    def _flash_setup_context(ctx, inputs, output):
-        value, spatial_shapes, level_start_index, sampling_loc_attn, num_points = inputs
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_loc_attn)
-        ctx.num_points = num_points
-
-    def _flash_backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_loc_attn = ctx.saved_tensors
-        grad_value, grad_sampling = torch.ops.mmdcnv4.flash_deform_attn_backward(
-            value, spatial_shapes, level_start_index, sampling_loc_attn, grad_output.contiguous(), ctx.num_points,
-            torch.are_deterministic_algorithms_enabled())
-        return grad_value, None, None, grad_sampling, None
-
-    def _ms_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _ms_backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = torch.ops.mmdcnv4.ms_deform_attn_backward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            grad_output.contiguous(), torch.are_deterministic_algorithms_enabled())
-        return grad_value, None, None, grad_locations, grad_weights
-
-    torch.library.register_autograd('mmdcnv4::flash_deform_attn_forward', _flash_backward,
-                                    setup_context=_flash_setup_context)
-    torch.library.register_autograd('mmdcnv4::ms_deform_attn_forward', _ms_backward,
-                                    setup_context=_ms_setup_context)
 
 
 def _ops_defined():

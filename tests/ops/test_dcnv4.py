@@ -211,6 +211,52 @@ def test_compile_fullgraph(rng):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize('device', DEVICES)
+def test_autograd_kernel_is_cpp(device, rng):
+    """The op's own (C++) autograd kernel: torch.ops callers get the wrapper's gradients, computed by
+    dcnv4_backward on the contiguous grad_output with the deterministic flag of the moment."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key('mmdcnv4::dcnv4_forward', 'Autograd')
+    case = CASES['stride_2']
+    n, h, w, group, d, kernel, stride, pad, dil, rc, scale = case
+    value, om = make_inputs(rng, n, h, w, group, d, kernel, stride, pad, dil, rc, device=device)
+    args = (*kernel, *stride, *pad, *dil, group, scale, rc)
+    v1, o1, v2, o2, o3 = (t.clone().requires_grad_() for t in (value, om, value, om, om))
+    out = torch.ops.mmdcnv4.dcnv4_forward(v1, o1, *args)
+    # A Python autograd formula (torch.library.register_autograd) would show up as another node type.
+    assert out.grad_fn.name().startswith('torch::autograd::CppNode<') and 'DCNv4Function' in out.grad_fn.name()
+    wrapper = call(case, v2, o2)
+    torch.testing.assert_close(out, wrapper, rtol=0, atol=0)
+    grad = torch.randn(out.shape[:3] + (2 * out.shape[3],), generator=rng, dtype=out.dtype).to(device)[..., ::2]
+    assert not grad.is_contiguous()
+    # Deterministic mode makes the CUDA backward bitwise reproducible, so the results can be compared exactly.
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = torch.autograd.grad(out, (v1, o1), grad)
+        want = torch.autograd.grad(wrapper, (v2, o2), grad)
+        # Only the inputs that require grad get one.
+        torch.ops.mmdcnv4.dcnv4_forward(value, o3, *args).backward(grad)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    direct = torch.ops.mmdcnv4.dcnv4_backward(value, om, grad.contiguous(), *args, True)
+    for g, wg, dg in zip(got, want, direct):
+        torch.testing.assert_close(g, wg, rtol=0, atol=0)
+        torch.testing.assert_close(g, dg, rtol=0, atol=0)
+    torch.testing.assert_close(o3.grad, direct[1], rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.ops.mmdcnv4.dcnv4_forward(v1, o1, *args).grad_fn is None
+
+
+def test_opcheck(rng):
+    """Schema, fake kernel, autograd registration and AOT dispatch of dcnv4_forward."""
+    case = CASES['remove_center']
+    n, h, w, group, d, kernel, stride, pad, dil, rc, scale = case
+    value, om = make_inputs(rng, 1, 4, 5, group, 4, kernel, stride, pad, dil, rc)
+    torch.library.opcheck(torch.ops.mmdcnv4.dcnv4_forward.default,
+                          (value.requires_grad_(), om.requires_grad_(), *kernel, *stride, *pad, *dil, group, scale,
+                           rc))
+
+
 def test_autocast_promotes_mixed_dtypes(rng):
     value, om = make_inputs(rng, 1, 5, 5, 1, 8, dtype=torch.float32)
     with pytest.raises(TypeError, match='same dtype'):

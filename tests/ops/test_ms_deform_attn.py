@@ -284,6 +284,41 @@ def test_cpu_opcheck(rng):
                           (value, ss, lsi, loc.requires_grad_(), weights.requires_grad_()))
 
 
+@pytest.mark.parametrize('layout', ['flash', 'mmcv'])
+def test_cpu_autograd_kernel_is_cpp(rng, layout):
+    """The ops' own (C++) autograd kernels: torch.ops callers get the wrappers' gradients, computed by the
+    backward ops on the contiguous grad_output."""
+    value, ss, lsi, sla, loc, weights = make_inputs(rng, 2, 5, 3, 4, ((4, 3), (2, 2)), 2)
+    if layout == 'flash':
+        op, backward, node = (torch.ops.mmdcnv4.flash_deform_attn_forward, torch.ops.mmdcnv4.flash_deform_attn_backward,
+                              'FlashDeformAttnFunction')
+        sampling, extra = (sla,), (2,)
+        wrapper = lambda v, s: flash_deform_attn(v, ss, lsi, s, 2)  # noqa: E731
+    else:
+        op, backward, node = (torch.ops.mmdcnv4.ms_deform_attn_forward, torch.ops.mmdcnv4.ms_deform_attn_backward,
+                              'MsDeformAttnFunction')
+        sampling, extra = (loc, weights), ()
+        wrapper = lambda v, l, w: ms_deform_attn(v, ss, lsi, l, w)  # noqa: E731
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), 'Autograd')
+    inputs = [t.clone().requires_grad_() for t in (value, *sampling)]
+    out = op(inputs[0], ss, lsi, *inputs[1:], *extra)
+    # A Python autograd formula (torch.library.register_autograd) would show up as another node type.
+    assert out.grad_fn.name().startswith('torch::autograd::CppNode<') and node in out.grad_fn.name()
+    grad = torch.randn(out.shape[:2] + (2 * out.shape[2],), generator=rng, dtype=out.dtype)[..., ::2]
+    assert not grad.is_contiguous()
+    got = torch.autograd.grad(out, inputs, grad)
+    wrapper_inputs = [t.clone().requires_grad_() for t in (value, *sampling)]
+    wrapper_out = wrapper(*wrapper_inputs)
+    assert torch.equal(out, wrapper_out)
+    want = torch.autograd.grad(wrapper_out, wrapper_inputs, grad)
+    direct = backward(value, ss, lsi, *sampling, grad.contiguous(), *extra, False)
+    assert len(got) == len(want) == len(direct)
+    for g, wg, dg in zip(got, want, direct):
+        assert torch.equal(g, wg) and torch.equal(g, dg)
+    with torch.no_grad():
+        assert op(inputs[0], ss, lsi, *inputs[1:], *extra).grad_fn is None
+
+
 def test_bad_inputs(rng):
     value, ss, lsi, sla, loc, weights = make_inputs(rng, 2, 3, 2, 4, ((3, 3), (2, 2)), 2)
     with pytest.raises(TypeError, match='value must be a torch.Tensor'):

@@ -172,8 +172,13 @@ void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, c
   const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
   const scalar_t* om = offset_mask.const_data_ptr<scalar_t>();
   scalar_t* gom = grad_offset_mask.mutable_data_ptr<scalar_t>();
-  constexpr int kWide = 16 / sizeof(scalar_t);
-  const bool wide = pick_vector_width<scalar_t>(p.group_channels, {v, go}) == kWide;
+  // fp32 accumulation of the value gradient: each thread adds 4 channels (one 16-byte vector atomic), so
+  // the 8 threads of a 32-byte-aligned run of channels cover whole L2 sectors. fp16/bf16 therefore load
+  // 8-byte vectors here: with 16-byte loads a thread's two float4 atomics would each touch half of two
+  // sectors, doubling the sector atomics that bound this kernel.
+  constexpr bool kHalf = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+  constexpr int kWide = kHalf ? 4 : 16 / sizeof(scalar_t);
+  const bool wide = vector_fits<scalar_t, kWide>(p.group_channels, {v, go});
   if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<Accumulate, FixedPointAtomicAdd>) {
     if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
       return launch_backward<scalar_t, kWide, 3, 3>(v, om, go, gom, accumulate, p, stream);

@@ -80,6 +80,17 @@ inline int pick_vector_width(int group_channels, std::initializer_list<const voi
   return kWide;
 }
 
+// Whether V-element vectors fit: the group's channels are a multiple of V and every base pointer is
+// aligned to a vector.
+template <typename T, int V>
+inline bool vector_fits(int group_channels, std::initializer_list<const void*> pointers) {
+  if (group_channels % V != 0) return false;
+  for (const void* ptr : pointers) {
+    if (reinterpret_cast<std::uintptr_t>(ptr) % (sizeof(T) * V) != 0) return false;
+  }
+  return true;
+}
+
 // One vector per thread: measured on an H200, 2-8 vectors per thread were up to twice slower (fewer
 // loads in flight, larger tiles overflowing L1), see docs/dcnv4_op.md.
 

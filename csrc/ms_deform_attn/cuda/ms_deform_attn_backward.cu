@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(Launch<LANES>::threads)
   const int task = blockIdx.x * kSlots + slot;
   if (task >= a.rows) return;  // the whole slot leaves together
   const unsigned mask = slot_mask<LANES>();
-  const int h = task % a.heads;
-  const int q = task / a.heads;
+  const int h = task / a.len_q;  // head-major, see ms_deform_attn_cuda.cuh
+  const int q = task - h * a.len_q;
   const int lp = a.levels * a.points;
   const int64_t row_stride = static_cast<int64_t>(a.heads) * a.channels;
   BackwardEntry<acc_t>* my_table = table[slot];
@@ -247,9 +247,8 @@ void launch_backward(const BackwardArgs<scalar_t>& args, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, bool FLASH>
+template <typename scalar_t, bool FLASH, int V>
 void dispatch_backward(BackwardArgs<scalar_t> args, bool vector_ok, cudaStream_t stream) {
-  constexpr int V = vector_width<scalar_t>();
   if constexpr (V > 1) {
     if (vector_ok) {
       const int lanes = lanes_for(args.channels, V);
@@ -348,12 +347,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
       args.fixed_scale = nullptr;
     }
 
-    constexpr int V = vector_width<scalar_t>();
+    constexpr int V = backward_vector_width<scalar_t>();
     const bool vector_ok = p.channels % V == 0 && aligned16(args.value) && aligned16(args.grad_output);
     if (flash) {
-      dispatch_backward<scalar_t, true>(args, vector_ok, stream);
+      dispatch_backward<scalar_t, true, V>(args, vector_ok, stream);
     } else {
-      dispatch_backward<scalar_t, false>(args, vector_ok, stream);
+      dispatch_backward<scalar_t, false, V>(args, vector_ok, stream);
     }
 
     if (deterministic) {

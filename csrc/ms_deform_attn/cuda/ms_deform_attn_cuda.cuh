@@ -3,7 +3,12 @@
 // Work decomposition (both directions): a "slot" of LANES consecutive threads (LANES in {4, 8, 16, 32},
 // always inside one warp) handles one (image, query, head) row; its lanes split the head's D channels,
 // VEC consecutive channels each, loaded with one 16-byte access where D and the alignment allow (fp32:
-// 4 channels, fp16/bf16: 8), else one channel per access. The sampling points of a row are processed in
+// 4 channels, fp16/bf16: 8; fp16/bf16 use 8-byte accesses of 4 channels in the backward, and in a forward
+// too small to fill the GPU), else one channel per access. Rows are taken head-major (consecutive slots:
+// consecutive queries of one head), so the blocks in flight gather from, and scatter gradients into, one
+// head's channels of the value: a working set 1/heads of the value's that stays in L2 (measured on an
+// H200: BEV 200x200 forward + backward 1.14 -> 0.74 ms in fp32, the DINO encoder 1.33 -> 1.14 ms,
+// against query-major rows). The sampling points of a row are processed in
 // chunks of kChunk: the slot's lanes first compute, in parallel, each point's four corner positions and
 // weights (the softmax of the flash layout folded in) into a small shared-memory table, then every lane
 // walks the table and gathers its channels. The grid is (rows of one image / slots per block, images):
@@ -151,6 +156,61 @@ struct VecIO<c10::BFloat16, 8> {
   }
 };
 
+// 8-byte accesses of fp16/bf16 (4 channels): the backward's value-gradient atomics add fp32, 4 channels
+// (16 bytes) per thread, so that the threads of a warp cover whole L2 sectors.
+template <typename scalar_t>
+struct PairTraits;
+template <>
+struct PairTraits<c10::Half> {
+  using pair_t = __half2;
+  static __device__ __forceinline__ float2 to_float2(pair_t h) { return __half22float2(h); }
+  static __device__ __forceinline__ pair_t from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <>
+struct PairTraits<c10::BFloat16> {
+  using pair_t = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(pair_t h) { return __bfloat1622float2(h); }
+  static __device__ __forceinline__ pair_t from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+
+template <typename scalar_t>
+struct HalfVecIO4 {
+  using Traits = PairTraits<scalar_t>;
+  using pair_t = typename Traits::pair_t;
+  static __device__ __forceinline__ void load(const scalar_t* __restrict__ p, float* out) {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+    const unsigned words[2] = {raw.x, raw.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      pair_t h;
+      memcpy(&h, &words[i], sizeof(h));
+      const float2 f = Traits::to_float2(h);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ void store(scalar_t* p, const float* in) {
+    unsigned words[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const pair_t h = Traits::from_floats(in[2 * i], in[2 * i + 1]);
+      memcpy(&words[i], &h, sizeof(h));
+    }
+    *reinterpret_cast<uint2*>(p) = make_uint2(words[0], words[1]);
+  }
+};
+
+template <>
+struct VecIO<c10::Half, 4> : HalfVecIO4<c10::Half> {};
+template <>
+struct VecIO<c10::BFloat16, 4> : HalfVecIO4<c10::BFloat16> {};
+
+// Channels per 8-byte access of the backward (see HalfVecIO4): 4 for every vectorised dtype.
+template <typename scalar_t>
+constexpr int backward_vector_width() {
+  return std::is_same_v<scalar_t, double> ? 1 : 4;
+}
+
 // Channels per 16-byte access, for the vectorised kernels (fp64 always takes the scalar kernels).
 template <typename scalar_t>
 constexpr int vector_width() {
@@ -296,6 +356,14 @@ inline dim3 grid_for(int64_t rows_per_image, int slots, int64_t batch) {
   const int64_t blocks = (rows_per_image + slots - 1) / slots;
   TORCH_CHECK(blocks < std::numeric_limits<int32_t>::max(), "ms_deform_attn: problem too large");
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(batch, 65535)), 1);
+}
+
+// Threads the device holds at once (SMs x threads per SM): one "wave".
+inline int64_t resident_threads(int device) {
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  return static_cast<int64_t>(sms) * per_sm;
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

@@ -44,8 +44,8 @@ __global__ void __launch_bounds__(Launch<LANES>::threads)
   const unsigned mask = slot_mask<LANES>();
   const int block = task % a.channel_blocks;
   const int qh = task / a.channel_blocks;
-  const int h = qh % a.heads;
-  const int q = qh / a.heads;
+  const int h = qh / a.len_q;  // head-major, see ms_deform_attn_cuda.cuh
+  const int q = qh - h * a.len_q;
   const int c = (block * LANES + lane) * VEC;
   const bool active = c < a.channels;
   const int lp = a.levels * a.points;
@@ -124,9 +124,8 @@ void launch_forward(const ForwardArgs<scalar_t>& args, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, bool FLASH>
+template <typename scalar_t, bool FLASH, int V>
 void dispatch_forward(ForwardArgs<scalar_t> args, bool vector_ok, cudaStream_t stream) {
-  constexpr int V = vector_width<scalar_t>();
   if constexpr (V > 1) {
     if (vector_ok) {
       const int lanes = lanes_for(args.channels, V);
@@ -178,10 +177,22 @@ at::Tensor forward_cuda(const char* op, const at::Tensor& value_in, const at::Te
     args.points = static_cast<int>(p.points);
     constexpr int V = vector_width<scalar_t>();
     const bool vector_ok = p.channels % V == 0 && aligned16(args.value) && aligned16(args.output);
-    if (flash) {
-      dispatch_forward<scalar_t, true>(args, vector_ok, stream);
+    // fp16/bf16 with 16-byte loads: 4 lanes per row of 32 channels. When that gives less than one wave
+    // of threads (DINO's decoder: 900 queries), 8-byte loads and twice the lanes hide more latency
+    // (measured on an H200: 0.035 -> 0.020 ms there; 2-25 % slower on the larger cases).
+    constexpr int V4 = backward_vector_width<scalar_t>();
+    const int64_t wide_threads = p.batch * p.len_q * p.heads * lanes_for(p.channels, V);
+    const int64_t one_wave = resident_threads(value.get_device());
+    if (V4 != V && wide_threads < one_wave) {
+      if (flash) {
+        dispatch_forward<scalar_t, true, V4>(args, vector_ok, stream);
+      } else {
+        dispatch_forward<scalar_t, false, V4>(args, vector_ok, stream);
+      }
+    } else if (flash) {
+      dispatch_forward<scalar_t, true, V>(args, vector_ok, stream);
     } else {
-      dispatch_forward<scalar_t, false>(args, vector_ok, stream);
+      dispatch_forward<scalar_t, false, V>(args, vector_ok, stream);
     }
   });
   return output;
