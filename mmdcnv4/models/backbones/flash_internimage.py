@@ -16,6 +16,7 @@ from mmengine.model import BaseModule
 from torch import nn
 
 from ...ops import DCNv4
+from ...ops.layer_norm import residual_layer_norm
 from ..registry import register_model
 
 __all__ = ['ARCH_SETTINGS', 'FlashInternImage', 'FlashInternImageCls', 'filter_upstream_state_dict',
@@ -155,10 +156,16 @@ class FlashInternImageLayer(nn.Module):
 
     def _forward(self, x):
         if self.post_norm:
-            x = self._residual(x, self.norm1(self.dcn(x)), self.gamma1)
-            return self._residual(x, self.norm2(self.mlp(x)), self.gamma2)
+            x = self._post_norm_residual(x, self.dcn(x), self.norm1, self.gamma1)
+            return self._post_norm_residual(x, self.mlp(x), self.norm2, self.gamma2)
         x = self._residual(x, self.dcn(self.norm1(x)), self.gamma1)
         return self._residual(x, self.mlp(self.norm2(x)), self.gamma2)
+
+    def _post_norm_residual(self, x, branch, norm, gamma):
+        """``x + DP(gamma * norm(branch))``; one fused kernel in CUDA inference (mmdcnv4.ops.layer_norm)."""
+        if self.drop_path == 0. or not self.training:
+            return residual_layer_norm(x, branch, norm[-1], gamma)
+        return self._residual(x, norm(branch), gamma)
 
     def _residual(self, x, branch, gamma):
         """``x + DP(gamma * branch)``; one fused multiply-add when no path can be dropped."""

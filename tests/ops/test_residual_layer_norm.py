@@ -1,0 +1,136 @@
+"""The fused post-norm residual ``x + gamma * LayerNorm(branch)``: kernel against float64, wrapper dispatch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdcnv4.ops import layer_norm as layer_norm_module
+from mmdcnv4.ops import residual_layer_norm
+
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def make_inputs(gen, shape, branch_dtype, device, with_gamma=True):
+    c = shape[-1]
+    x = torch.randn(shape, generator=gen)
+    # Offset and spread per row, so a LayerNorm that skips the mean or the variance is caught.
+    branch = torch.randn(shape, generator=gen) * 3 + torch.randn(shape[:-1] + (1,), generator=gen) * 5
+    norm = torch.nn.LayerNorm(c, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(c, generator=gen))
+        norm.bias.copy_(torch.randn(c, generator=gen))
+    gamma = torch.randn(c, generator=gen) if with_gamma else None
+    x, norm = x.to(device), norm.to(device)
+    branch = branch.to(device, branch_dtype)
+    gamma = None if gamma is None else gamma.to(device)
+    return x, branch, norm, gamma
+
+
+def reference(x, branch, norm, gamma):
+    """float64 ``x + gamma * LN(branch)`` of the (already rounded) inputs."""
+    normed = F.layer_norm(branch.double(), norm.normalized_shape, norm.weight.double(), norm.bias.double(), norm.eps)
+    return x.double() + (normed if gamma is None else gamma.double() * normed)
+
+
+def test_cpu_matches_eager_ops(rng):
+    x, branch, norm, gamma = make_inputs(rng, (2, 5, 3, 80), torch.float32, 'cpu')
+    with torch.no_grad():
+        out = residual_layer_norm(x, branch, norm, gamma)
+    torch.testing.assert_close(out.double(), reference(x, branch, norm, gamma), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_gradients_flow(rng):
+    """Outside no_grad the eager ops run, so training gets gradients for every input and parameter."""
+    x, branch, norm, gamma = make_inputs(rng, (2, 4, 4, 16), torch.float32, 'cpu')
+    x.requires_grad_()
+    branch.requires_grad_()
+    gamma.requires_grad_()
+    residual_layer_norm(x, branch, norm, gamma).square().sum().backward()
+    for tensor in (x, branch, gamma, norm.weight, norm.bias):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+def test_op_refuses_calls_that_need_a_gradient(rng):
+    """The op has no backward: with grad enabled and a parameter requiring grad it raises (any device)."""
+    x, branch, norm, gamma = make_inputs(rng, (2, 3, 16), torch.float32, 'cpu')
+    with pytest.raises(RuntimeError, match='no backward'):
+        torch.ops.mmdcnv4._residual_layer_norm(x, branch, norm.weight, norm.bias, gamma, norm.eps)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', list(DTYPES))
+@pytest.mark.parametrize('channels', [1, 16, 80, 112, 128, 224, 448, 896, 1280, 1536])
+@pytest.mark.parametrize('with_gamma', [True, False])
+def test_cuda_kernel_matches_float64(rng, dtype, channels, with_gamma):
+    x, branch, norm, gamma = make_inputs(rng, (3, 7, 5, channels), DTYPES[dtype], 'cuda', with_gamma)
+    # Poison: the output is allocated from this freed block, so an element the kernel skips stays NaN.
+    poison = torch.full((x.numel() * 2,), float('nan'), device='cuda')
+    del poison
+    with torch.no_grad():
+        out = torch.ops.mmdcnv4._residual_layer_norm(x, branch, norm.weight, norm.bias, gamma, norm.eps)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), reference(x, branch, norm, gamma), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_wrapper_uses_the_kernel_only_without_grad(rng):
+    x, branch, norm, gamma = make_inputs(rng, (2, 6, 6, 112), torch.float16, 'cuda')
+    with torch.no_grad():
+        fused = torch.ops.mmdcnv4._residual_layer_norm(x, branch, norm.weight, norm.bias, gamma, norm.eps)
+    with torch.inference_mode():
+        assert layer_norm_module._fusable(x, branch, norm, gamma)
+        assert torch.equal(residual_layer_norm(x, branch, norm, gamma), fused)
+    with torch.autocast('cuda', dtype=torch.float16), torch.no_grad():
+        assert torch.equal(residual_layer_norm(x, branch, norm, gamma), fused)
+    assert not layer_norm_module._fusable(x, branch, norm, gamma)  # grad enabled: eager ops
+    with torch.autocast('cuda', dtype=torch.float16):  # as in the model: the LayerNorm runs in fp32
+        eager = residual_layer_norm(x, branch, norm, gamma)
+    assert eager.requires_grad
+    torch.testing.assert_close(eager.detach(), fused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_wrapper_falls_back_where_the_kernel_does_not_apply(rng):
+    # More channels than the kernel holds, and an fp16 residual stream: the eager ops, same values.
+    for shape, x_dtype in (((2, 3, 1600), torch.float32), ((2, 3, 64), torch.float16)):
+        x, branch, norm, gamma = make_inputs(rng, shape, torch.float32, 'cuda')
+        x = x.to(x_dtype)
+        with torch.no_grad():
+            assert not layer_norm_module._fusable(x, branch, norm, gamma)
+            out = residual_layer_norm(x, branch, norm, gamma)
+        tol = 1e-2 if x_dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(out.double(), reference(x, branch, norm, gamma), rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_rejects_bad_input():
+    """Runs in a child process: on the H200 machine (torch 2.11) this call has crashed the interpreter
+    instead of raising, so a crash must fail this test without taking the rest of the suite down."""
+    import subprocess
+    import sys
+    code = (
+        'import torch, mmdcnv4\n'
+        'x = torch.randn(2, 3, 2000, device="cuda"); w = torch.ones(2000, device="cuda")\n'
+        'try:\n'
+        '    torch.ops.mmdcnv4._residual_layer_norm(x, x, w, w, None, 1e-6)\n'
+        'except RuntimeError as err:\n'
+        '    print("raised:", err)\n')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f'child exited with {result.returncode}: {result.stderr[-2000:]}'
+    assert 'raised:' in result.stdout and 'last dimension' in result.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('arch', ['s', 'b'])
+def test_cuda_post_norm_backbone_same_output_fused_or_not(rng, monkeypatch, arch):
+    """FlashInternImage-S/B (post-norm) inference gives the eager result with the fused residual."""
+    from mmdcnv4.models import FlashInternImage
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    model = FlashInternImage(arch=arch, layer_scale=0.5).cuda().eval()  # large scale: the branch matters
+    images = torch.randn(2, 3, 64, 96, generator=rng).cuda()
+    with torch.inference_mode():
+        fused = model(images)
+        monkeypatch.setattr(layer_norm_module, '_fusable', lambda *args: False)
+        eager = model(images)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
