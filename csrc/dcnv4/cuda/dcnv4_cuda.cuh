@@ -69,17 +69,6 @@ __device__ __forceinline__ void store_from_acc(T* ptr, const A* in) {
   *reinterpret_cast<Vec<T, V>*>(ptr) = out;
 }
 
-// Widest vector (in elements) that divides the group's channels and that every base pointer allows.
-template <typename T>
-inline int pick_vector_width(int group_channels, std::initializer_list<const void*> pointers) {
-  constexpr int kWide = 16 / sizeof(T);
-  if (group_channels % kWide != 0) return 1;
-  for (const void* ptr : pointers) {
-    if (reinterpret_cast<std::uintptr_t>(ptr) % 16 != 0) return 1;
-  }
-  return kWide;
-}
-
 // Whether V-element vectors fit: the group's channels are a multiple of V and every base pointer is
 // aligned to a vector.
 template <typename T, int V>
@@ -89,6 +78,13 @@ inline bool vector_fits(int group_channels, std::initializer_list<const void*> p
     if (reinterpret_cast<std::uintptr_t>(ptr) % (sizeof(T) * V) != 0) return false;
   }
   return true;
+}
+
+// Widest vector (in elements) the forward uses: 16 bytes when they fit, else 1.
+template <typename T>
+inline int pick_vector_width(int group_channels, std::initializer_list<const void*> pointers) {
+  constexpr int kWide = 16 / sizeof(T);
+  return vector_fits<T, kWide>(group_channels, pointers) ? kWide : 1;
 }
 
 // One vector per thread: measured on an H200, 2-8 vectors per thread were up to twice slower (fewer

@@ -347,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
       args.fixed_scale = nullptr;
     }
 
-    constexpr int V = backward_vector_width<scalar_t>();
+    constexpr int V = narrow_vector_width<scalar_t>();
     const bool vector_ok = p.channels % V == 0 && aligned16(args.value) && aligned16(args.grad_output);
     if (flash) {
       dispatch_backward<scalar_t, true, V>(args, vector_ok, stream);

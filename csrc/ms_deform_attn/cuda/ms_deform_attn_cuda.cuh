@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -106,58 +107,8 @@ struct VecIO<float, 4> {
   }
 };
 
-template <>
-struct VecIO<c10::Half, 8> {
-  static __device__ __forceinline__ void load(const c10::Half* __restrict__ p, float* out) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 h;
-      memcpy(&h, &words[i], sizeof(h));
-      const float2 f = __half22float2(h);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-  static __device__ __forceinline__ void store(c10::Half* p, const float* in) {
-    unsigned words[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __half2 h = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
-      memcpy(&words[i], &h, sizeof(h));
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
-  }
-};
-
-template <>
-struct VecIO<c10::BFloat16, 8> {
-  static __device__ __forceinline__ void load(const c10::BFloat16* __restrict__ p, float* out) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __nv_bfloat162 h;
-      memcpy(&h, &words[i], sizeof(h));
-      const float2 f = __bfloat1622float2(h);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-  static __device__ __forceinline__ void store(c10::BFloat16* p, const float* in) {
-    unsigned words[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
-      memcpy(&words[i], &h, sizeof(h));
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
-  }
-};
-
-// 8-byte accesses of fp16/bf16 (4 channels): the backward's value-gradient atomics add fp32, 4 channels
-// (16 bytes) per thread, so that the threads of a warp cover whole L2 sectors.
+// fp16/bf16 loads and stores. The backward uses 8-byte accesses (4 channels): its value-gradient atomics
+// add fp32, 4 channels (16 bytes) per thread, so that the threads of a warp cover whole L2 sectors.
 template <typename scalar_t>
 struct PairTraits;
 template <>
@@ -173,15 +124,24 @@ struct PairTraits<c10::BFloat16> {
   static __device__ __forceinline__ pair_t from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
-template <typename scalar_t>
-struct HalfVecIO4 {
+// VEC (4 or 8) fp16/bf16 channels as one 8- or 16-byte access, converted two at a time.
+template <typename scalar_t, int VEC>
+struct HalfVecIO {
+  static_assert(VEC == 4 || VEC == 8, "8- or 16-byte accesses");
   using Traits = PairTraits<scalar_t>;
   using pair_t = typename Traits::pair_t;
+  static constexpr int kWords = VEC / 2;
   static __device__ __forceinline__ void load(const scalar_t* __restrict__ p, float* out) {
-    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
-    const unsigned words[2] = {raw.x, raw.y};
+    unsigned words[kWords];
+    if constexpr (VEC == 8) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+      words[0] = raw.x, words[1] = raw.y, words[2] = raw.z, words[3] = raw.w;
+    } else {
+      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+      words[0] = raw.x, words[1] = raw.y;
+    }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kWords; ++i) {
       pair_t h;
       memcpy(&h, &words[i], sizeof(h));
       const float2 f = Traits::to_float2(h);
@@ -190,24 +150,33 @@ struct HalfVecIO4 {
     }
   }
   static __device__ __forceinline__ void store(scalar_t* p, const float* in) {
-    unsigned words[2];
+    unsigned words[kWords];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kWords; ++i) {
       const pair_t h = Traits::from_floats(in[2 * i], in[2 * i + 1]);
       memcpy(&words[i], &h, sizeof(h));
     }
-    *reinterpret_cast<uint2*>(p) = make_uint2(words[0], words[1]);
+    if constexpr (VEC == 8) {
+      *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+    } else {
+      *reinterpret_cast<uint2*>(p) = make_uint2(words[0], words[1]);
+    }
   }
 };
 
 template <>
-struct VecIO<c10::Half, 4> : HalfVecIO4<c10::Half> {};
+struct VecIO<c10::Half, 8> : HalfVecIO<c10::Half, 8> {};
 template <>
-struct VecIO<c10::BFloat16, 4> : HalfVecIO4<c10::BFloat16> {};
+struct VecIO<c10::BFloat16, 8> : HalfVecIO<c10::BFloat16, 8> {};
+template <>
+struct VecIO<c10::Half, 4> : HalfVecIO<c10::Half, 4> {};
+template <>
+struct VecIO<c10::BFloat16, 4> : HalfVecIO<c10::BFloat16, 4> {};
 
-// Channels per 8-byte access of the backward (see HalfVecIO4): 4 for every vectorised dtype.
+// Channels per access of the backward (see above), and of small fp16/bf16 forwards: 4 for every
+// vectorised dtype (16 bytes of fp32, 8 of fp16/bf16).
 template <typename scalar_t>
-constexpr int backward_vector_width() {
+constexpr int narrow_vector_width() {
   return std::is_same_v<scalar_t, double> ? 1 : 4;
 }
 
@@ -358,12 +327,19 @@ inline dim3 grid_for(int64_t rows_per_image, int slots, int64_t batch) {
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(batch, 65535)), 1);
 }
 
-// Threads the device holds at once (SMs x threads per SM): one "wave".
+// Threads the device holds at once (SMs x threads per SM): one "wave". Queried once per device.
 inline int64_t resident_threads(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cache[kMaxDevices] = {};
+  if (device >= 0 && device < kMaxDevices) {
+    if (const int64_t known = cache[device].load(std::memory_order_relaxed)) return known;
+  }
   int sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  return static_cast<int64_t>(sms) * per_sm;
+  const int64_t threads = static_cast<int64_t>(sms) * per_sm;
+  if (device >= 0 && device < kMaxDevices) cache[device].store(threads, std::memory_order_relaxed);
+  return threads;
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

@@ -180,20 +180,15 @@ at::Tensor forward_cuda(const char* op, const at::Tensor& value_in, const at::Te
     // fp16/bf16 with 16-byte loads: 4 lanes per row of 32 channels. When that gives less than one wave
     // of threads (DINO's decoder: 900 queries), 8-byte loads and twice the lanes hide more latency
     // (measured on an H200: 0.035 -> 0.020 ms there; 2-25 % slower on the larger cases).
-    constexpr int V4 = backward_vector_width<scalar_t>();
+    constexpr int V4 = narrow_vector_width<scalar_t>();
     const int64_t wide_threads = p.batch * p.len_q * p.heads * lanes_for(p.channels, V);
-    const int64_t one_wave = resident_threads(value.get_device());
-    if (V4 != V && wide_threads < one_wave) {
-      if (flash) {
-        dispatch_forward<scalar_t, true, V4>(args, vector_ok, stream);
-      } else {
-        dispatch_forward<scalar_t, false, V4>(args, vector_ok, stream);
-      }
-    } else if (flash) {
-      dispatch_forward<scalar_t, true, V>(args, vector_ok, stream);
-    } else {
-      dispatch_forward<scalar_t, false, V>(args, vector_ok, stream);
-    }
+    const bool narrow = V4 != V && wide_threads < resident_threads(value.get_device());
+    const auto run = [&](auto width) {
+      constexpr int W = decltype(width)::value;
+      flash ? dispatch_forward<scalar_t, true, W>(args, vector_ok, stream)
+            : dispatch_forward<scalar_t, false, W>(args, vector_ok, stream);
+    };
+    narrow ? run(std::integral_constant<int, V4>{}) : run(std::integral_constant<int, V>{});
   });
   return output;
 }
