@@ -6,6 +6,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "common/message.h"
 #include "layer_norm/layer_norm.h"
 
 #ifdef MMDCNV4_WITH_CUDA
@@ -53,18 +54,18 @@ at::Tensor residual_layer_norm_cuda(const at::Tensor& x, const at::Tensor& branc
                                     const at::Tensor& bias, const std::optional<at::Tensor>& gamma, double eps) {
   const int64_t C = branch.dim() > 0 ? branch.size(-1) : 0;
   TORCH_CHECK(C >= 1 && C <= kResidualLayerNormMaxChannels, "residual_layer_norm: the last dimension must be 1..",
-              kResidualLayerNormMaxChannels, ", got ", C);
+              int_text(kResidualLayerNormMaxChannels), ", got ", int_text(C));
   TORCH_CHECK(x.sizes() == branch.sizes(), "residual_layer_norm: x and branch must have the same shape, got ",
-              x.sizes(), " and ", branch.sizes());
+              shape_text(x.sizes()), " and ", shape_text(branch.sizes()));
   TORCH_CHECK(x.scalar_type() == at::kFloat, "residual_layer_norm: x must be float32, got ", x.scalar_type());
   TORCH_CHECK(branch.scalar_type() == at::kFloat || branch.scalar_type() == at::kHalf ||
                   branch.scalar_type() == at::kBFloat16,
               "residual_layer_norm: branch must be float32, float16 or bfloat16, got ", branch.scalar_type());
   TORCH_CHECK(weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && weight.numel() == C &&
                   bias.numel() == C,
-              "residual_layer_norm: weight and bias must be float32 with C = ", C, " elements");
+              "residual_layer_norm: weight and bias must be float32 with C = ", int_text(C), " elements");
   TORCH_CHECK(!gamma.has_value() || (gamma->scalar_type() == at::kFloat && gamma->numel() == C),
-              "residual_layer_norm: gamma must be float32 with C = ", C, " elements");
+              "residual_layer_norm: gamma must be float32 with C = ", int_text(C), " elements");
   TORCH_CHECK(x.is_cuda() && branch.device() == x.device() && weight.device() == x.device() &&
                   bias.device() == x.device() && (!gamma.has_value() || gamma->device() == x.device()),
               "residual_layer_norm: all tensors must be on the same CUDA device");

@@ -103,21 +103,30 @@ def test_cuda_wrapper_falls_back_where_the_kernel_does_not_apply(rng):
 
 
 @pytest.mark.cuda
-def test_cuda_kernel_rejects_bad_input():
-    """Runs in a child process: on the H200 machine (torch 2.11) this call has crashed the interpreter
-    instead of raising, so a crash must fail this test without taking the rest of the suite down."""
+def test_cuda_ops_reject_bad_input_with_numbers_in_the_message():
+    """Direct op calls with bad input raise errors that quote numbers and shapes. Runs in a child process:
+    formatting integers through std::ostream from the extension once crashed the interpreter on the GPU
+    machine (csrc/common/message.h), and a crash must fail this test without taking the suite down."""
     import subprocess
     import sys
     code = (
         'import torch, mmdcnv4\n'
+        'def expect(fn, text):\n'
+        '    try:\n'
+        '        fn()\n'
+        '    except RuntimeError as err:\n'
+        '        assert text in str(err), str(err)\n'
+        '        print("raised:", text)\n'
         'x = torch.randn(2, 3, 2000, device="cuda"); w = torch.ones(2000, device="cuda")\n'
-        'try:\n'
-        '    torch.ops.mmdcnv4._residual_layer_norm(x, x, w, w, None, 1e-6)\n'
-        'except RuntimeError as err:\n'
-        '    print("raised:", err)\n')
+        'expect(lambda: torch.ops.mmdcnv4._residual_layer_norm(x, x, w, w, None, 1e-6), "1..1536, got 2000")\n'
+        'expect(lambda: torch.ops.mmdcnv4.dcnv4_forward(torch.randn(1, 4, 4, device="cuda"), '
+        'torch.randn(1, 4, 4, 27, device="cuda"), 3, 3, 1, 1, 1, 1, 1, 1, 1, 1.0, False), "got [1, 4, 4]")\n'
+        'expect(lambda: torch.ops.mmdcnv4.flash_deform_attn_forward(torch.randn(1, 4, 2, 8, device="cuda"), '
+        'torch.tensor([[2, 2]], device="cuda"), torch.tensor([0], device="cuda"), '
+        'torch.randn(1, 3, 2, 3, device="cuda"), 0), "num_points must be >= 1, got 0")\n')
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f'child exited with {result.returncode}: {result.stderr[-2000:]}'
-    assert 'raised:' in result.stdout and 'last dimension' in result.stdout
+    assert result.stdout.count('raised:') == 3, result.stdout
 
 
 @pytest.mark.cuda

@@ -28,9 +28,9 @@ void check_levels_cpu(const at::Tensor& spatial_shapes, const at::Tensor& level_
   const int64_t* shapes = spatial_shapes.const_data_ptr<int64_t>();
   const int64_t* starts = level_start_index.const_data_ptr<int64_t>();
   for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
-    TORCH_CHECK(msda_level_ok(shapes[2 * l], shapes[2 * l + 1], starts[l], len_in), op, ": level ", l,
-                " (H=", shapes[2 * l], ", W=", shapes[2 * l + 1], ", start=", starts[l],
-                ") does not fit in a value of Len_in=", len_in);
+    TORCH_CHECK(msda_level_ok(shapes[2 * l], shapes[2 * l + 1], starts[l], len_in), op, ": level ", int_text(l),
+                " (H=", int_text(shapes[2 * l]), ", W=", int_text(shapes[2 * l + 1]), ", start=",
+                int_text(starts[l]), ") does not fit in a value of Len_in=", int_text(len_in));
   }
 }
 
