@@ -14,7 +14,8 @@ inline DCNv4Params make_dcnv4_params(const at::Tensor& value, const at::Tensor& 
                                      int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
                                      double offset_scale, bool remove_center) {
   TORCH_CHECK(value.dim() == 4, "dcnv4: value must be (N, H, W, C), got ", shape_text(value.sizes()));
-  TORCH_CHECK(offset_mask.dim() == 4, "dcnv4: offset_mask must be (N, Ho, Wo, P), got ", shape_text(offset_mask.sizes()));
+  TORCH_CHECK(offset_mask.dim() == 4, "dcnv4: offset_mask must be (N, Ho, Wo, P), got ",
+              shape_text(offset_mask.sizes()));
   TORCH_CHECK(value.scalar_type() == offset_mask.scalar_type(), "dcnv4: value and offset_mask dtypes differ");
   TORCH_CHECK(value.device() == offset_mask.device(), "dcnv4: value and offset_mask devices differ");
   TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1 && stride_h >= 1 && stride_w >= 1 && dilation_h >= 1 &&

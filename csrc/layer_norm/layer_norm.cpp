@@ -1,7 +1,7 @@
 // The fused post-norm residual: out = x + gamma * LayerNorm(branch) over the last dimension.
 // Inference only (the autograd kernel refuses calls that need a gradient): mmdcnv4/ops/layer_norm.py calls
-// it when no gradient is needed and falls back to the eager ops otherwise. The argument checks live here, in host code; the kernel is in
-// cuda/residual_layer_norm.cu.
+// it when no gradient is needed and falls back to the eager ops otherwise. The argument checks live here,
+// in host code; the kernel is in cuda/residual_layer_norm.cu.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>

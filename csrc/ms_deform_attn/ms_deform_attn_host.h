@@ -41,8 +41,8 @@ inline MSDAParams make_msda_params(const char* op, const at::Tensor& value, cons
     p.points = num_points;
     TORCH_CHECK(sampling.dim() == 4 && sampling.size(0) == p.batch && sampling.size(2) == p.heads &&
                     sampling.size(3) == 3 * p.levels * p.points,
-                op, ": sampling_loc_attn must be (N, Len_q, heads, 3*L*P) = (", int_text(p.batch), ", Len_q, ", int_text(p.heads),
-                ", ", int_text(3 * p.levels * p.points), "), got ", shape_text(sampling.sizes()));
+                op, ": sampling_loc_attn must be (N, Len_q, heads, 3*L*P) = (", int_text(p.batch), ", Len_q, ",
+                int_text(p.heads), ", ", int_text(3 * p.levels * p.points), "), got ", shape_text(sampling.sizes()));
   } else {
     TORCH_CHECK(sampling.dim() == 6 && sampling.size(0) == p.batch && sampling.size(2) == p.heads &&
                     sampling.size(3) == p.levels && sampling.size(4) >= 1 && sampling.size(5) == 2,
