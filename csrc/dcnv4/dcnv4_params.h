@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "common/bilinear.h"
 #include "common/macros.h"
 
 namespace mmdcnv4 {
@@ -33,44 +34,18 @@ MMDCNV4_HOST_DEVICE WindowOrigin<T> window_centre(const DCNv4Params& p, int64_t 
   return {static_cast<T>(xo * p.stride_w - p.pad_w + half_w), static_cast<T>(yo * p.stride_h - p.pad_h + half_h)};
 }
 
-// Bilinear corners of a point: flat pixel indices (-1 when outside the image) and weights.
-// A point is used only if -1 < y < H and -1 < x < W (strict); otherwise all weights are zero.
-// I is the index type: int64_t on the CPU, int on the GPU (whose launchers check the image fits).
-template <typename T, typename I = int64_t>
-struct Corners {
-  I index[4];  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
-  T weight[4];
-  T lx, ly;
-  bool used;
-};
-
-template <typename T, typename I = int64_t>
-MMDCNV4_HOST_DEVICE Corners<T, I> bilinear_corners(T y, T x, I height, I width) {
-  Corners<T, I> c;
-  c.used = (y > T(-1)) && (y < T(height)) && (x > T(-1)) && (x < T(width));
-  if (!c.used) {
-    for (int q = 0; q < 4; ++q) {
-      c.index[q] = -1;
-      c.weight[q] = T(0);
-    }
-    c.lx = c.ly = T(0);
-    return c;
-  }
-  const T fy = floor(y), fx = floor(x);
-  const I y0 = static_cast<I>(fy), x0 = static_cast<I>(fx);
-  c.ly = y - fy;
-  c.lx = x - fx;
-  const T hy = T(1) - c.ly, hx = T(1) - c.lx;
-  const bool top = y0 >= 0, bottom = y0 + 1 < height, left = x0 >= 0, right = x0 + 1 < width;
-  c.index[0] = (top && left) ? y0 * width + x0 : -1;
-  c.index[1] = (top && right) ? y0 * width + x0 + 1 : -1;
-  c.index[2] = (bottom && left) ? (y0 + 1) * width + x0 : -1;
-  c.index[3] = (bottom && right) ? (y0 + 1) * width + x0 + 1 : -1;
-  c.weight[0] = c.index[0] >= 0 ? hy * hx : T(0);
-  c.weight[1] = c.index[1] >= 0 ? hy * c.lx : T(0);
-  c.weight[2] = c.index[2] >= 0 ? c.ly * hx : T(0);
-  c.weight[3] = c.index[3] >= 0 ? c.ly * c.lx : T(0);
-  return c;
+// Sampling position of kernel point (i, j) (i along the width, j along the height) of the window at
+// `centre`, moved by its learned offset (dx, dy): the regular grid offset plus the learned one, scaled by
+// offset_scale about the centre. Every kernel (CPU and CUDA, forward and backward) computes positions here,
+// so that they agree to the last bit. KH, KW > 0: the kernel size known at compile time (CUDA fast paths).
+template <int KH = 0, int KW = 0, typename T>
+MMDCNV4_HOST_DEVICE WindowOrigin<T> sampling_position(const DCNv4Params& p, const WindowOrigin<T>& centre, int i,
+                                                      int j, T dx, T dy) {
+  const int kernel_h = KH > 0 ? KH : p.kernel_h, kernel_w = KW > 0 ? KW : p.kernel_w;
+  const int half_w = (p.dilation_w * (kernel_w - 1)) / 2, half_h = (p.dilation_h * (kernel_h - 1)) / 2;
+  const T scale = static_cast<T>(p.offset_scale);
+  return {centre.x + (T(i * p.dilation_w - half_w) + dx) * scale,
+          centre.y + (T(j * p.dilation_h - half_h) + dy) * scale};
 }
 
 }  // namespace mmdcnv4

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/bilinear.h"
 #include "common/macros.h"
 
 namespace mmdcnv4 {
@@ -30,16 +31,12 @@ MMDCNV4_HOST_DEVICE bool msda_level_ok(int64_t height, int64_t width, int64_t st
 }
 
 // Bilinear corners of one sampling point of a level, in pixel coordinates of that level
-// (x = loc_x * W - 0.5, y = loc_y * H - 0.5): flat positions in the value (start + y * W + x, -1 when the
-// corner is outside the level) and weights. A point is used only if -1 < y < H and -1 < x < W (strict);
-// otherwise it contributes nothing and receives zero location gradient. A NaN coordinate is flagged so
-// that the kernels can propagate it (the output becomes NaN, as in the reference).
+// (x = loc_x * W - 0.5, y = loc_y * H - 0.5): the rule of common/bilinear.h (a point is used only if
+// -1 < y < H and -1 < x < W; a missing corner has index -1 and weight 0), with the corners' flat positions
+// in the value (start + y * W + x). A NaN coordinate is flagged so that the kernels can propagate it (the
+// output becomes NaN, as in the reference).
 template <typename T>
-struct MSDACorners {
-  int32_t index[4];  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
-  T weight[4];       // 0 for a missing corner
-  T lx, ly;          // fractional parts, 0 when unused
-  bool used;
+struct MSDACorners : Corners<T, int32_t> {
   bool nan;
 };
 
@@ -47,30 +44,7 @@ template <typename T>
 MMDCNV4_HOST_DEVICE MSDACorners<T> msda_corners(T x, T y, int32_t height, int32_t width, int32_t start) {
   MSDACorners<T> c;
   c.nan = (x != x) || (y != y);
-  c.used = (y > T(-1)) && (y < T(height)) && (x > T(-1)) && (x < T(width));
-  if (!c.used) {
-    for (int q = 0; q < 4; ++q) {
-      c.index[q] = -1;
-      c.weight[q] = T(0);
-    }
-    c.lx = c.ly = T(0);
-    return c;
-  }
-  const T fy = floor(y), fx = floor(x);
-  const int32_t y0 = static_cast<int32_t>(fy), x0 = static_cast<int32_t>(fx);
-  c.ly = y - fy;
-  c.lx = x - fx;
-  const T hy = T(1) - c.ly, hx = T(1) - c.lx;
-  const bool top = y0 >= 0, bottom = y0 + 1 < height, left = x0 >= 0, right = x0 + 1 < width;
-  const int32_t base = start + y0 * width + x0;
-  c.index[0] = (top && left) ? base : -1;
-  c.index[1] = (top && right) ? base + 1 : -1;
-  c.index[2] = (bottom && left) ? base + width : -1;
-  c.index[3] = (bottom && right) ? base + width + 1 : -1;
-  c.weight[0] = c.index[0] >= 0 ? hy * hx : T(0);
-  c.weight[1] = c.index[1] >= 0 ? hy * c.lx : T(0);
-  c.weight[2] = c.index[2] >= 0 ? c.ly * hx : T(0);
-  c.weight[3] = c.index[3] >= 0 ? c.ly * c.lx : T(0);
+  static_cast<Corners<T, int32_t>&>(c) = bilinear_corners<T, int32_t>(y, x, height, width, start);
   return c;
 }
 

@@ -23,8 +23,6 @@ void forward_cpu_kernel(const scalar_t* value, const scalar_t* offset_mask, scal
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t pixels = p.batch * p.out_height * p.out_width;
   const int D = p.group_channels, K = p.points;
-  const acc_t scale = static_cast<acc_t>(p.offset_scale);
-  const int half_w = (p.dilation_w * (p.kernel_w - 1)) / 2, half_h = (p.dilation_h * (p.kernel_h - 1)) / 2;
   // Enough pixels per task to amortise scheduling for small groups.
   const int64_t grain = std::max<int64_t>(1, 4096 / (p.channels * K + 1));
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
@@ -42,8 +40,8 @@ void forward_cpu_kernel(const scalar_t* value, const scalar_t* offset_mask, scal
         for (int i = 0; i < p.kernel_w; ++i) {
           for (int j = 0; j < p.kernel_h; ++j) {
             if (p.remove_center && i == p.kernel_w / 2 && j == p.kernel_h / 2) continue;
-            const acc_t x = centre.x + (acc_t(i * p.dilation_w - half_w) + acc_t(om[2 * k])) * scale;
-            const acc_t y = centre.y + (acc_t(j * p.dilation_h - half_h) + acc_t(om[2 * k + 1])) * scale;
+            const auto pos = sampling_position(p, centre, i, j, acc_t(om[2 * k]), acc_t(om[2 * k + 1]));
+            const acc_t x = pos.x, y = pos.y;
             const acc_t m = acc_t(om[2 * K + k]);
             ++k;
             const auto c = bilinear_corners<acc_t>(y, x, p.height, p.width);
@@ -74,7 +72,6 @@ void backward_cpu_kernel(const scalar_t* value, const scalar_t* offset_mask, con
                          acc_t* grad_value_acc, scalar_t* grad_offset_mask, const DCNv4Params& p) {
   const int D = p.group_channels, K = p.points;
   const acc_t scale = static_cast<acc_t>(p.offset_scale);
-  const int half_w = (p.dilation_w * (p.kernel_w - 1)) / 2, half_h = (p.dilation_h * (p.kernel_h - 1)) / 2;
   const int64_t out_pixels = p.out_height * p.out_width;
   at::parallel_for(0, p.batch * p.group, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> v(4 * D);
@@ -95,8 +92,8 @@ void backward_cpu_kernel(const scalar_t* value, const scalar_t* offset_mask, con
         for (int i = 0; i < p.kernel_w; ++i) {
           for (int j = 0; j < p.kernel_h; ++j) {
             if (p.remove_center && i == p.kernel_w / 2 && j == p.kernel_h / 2) continue;
-            const acc_t x = centre.x + (acc_t(i * p.dilation_w - half_w) + acc_t(om[2 * k])) * scale;
-            const acc_t y = centre.y + (acc_t(j * p.dilation_h - half_h) + acc_t(om[2 * k + 1])) * scale;
+            const auto pos = sampling_position(p, centre, i, j, acc_t(om[2 * k]), acc_t(om[2 * k + 1]));
+            const acc_t x = pos.x, y = pos.y;
             const acc_t m = acc_t(om[2 * K + k]);
             const auto c = bilinear_corners<acc_t>(y, x, p.height, p.width);
             acc_t grad_m = 0, grad_x = 0, grad_y = 0;

@@ -77,7 +77,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const scalar_t* gout = grad_output + out_image * C + out_pixel * C + channel0;
   const auto centre = window_centre<acc_t>(p, yo, xo);
   const acc_t scale = static_cast<acc_t>(p.offset_scale);
-  const int half_w = (p.dilation_w * (kernel_w - 1)) / 2, half_h = (p.dilation_h * (kernel_h - 1)) / 2;
   const int centre_point = (kernel_w / 2) * kernel_h + kernel_h / 2;
 
 #pragma unroll
@@ -89,8 +88,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const int k = grid_point - (p.remove_center && grid_point > centre_point ? 1 : 0);
       acc_t x = 0, y = 0, m = 0;
       if (active) {
-        x = centre.x + (acc_t(i * p.dilation_w - half_w) + static_cast<acc_t>(om[2 * k])) * scale;
-        y = centre.y + (acc_t(j * p.dilation_h - half_h) + static_cast<acc_t>(om[2 * k + 1])) * scale;
+        const auto pos =
+            sampling_position<KH, KW>(p, centre, i, j, static_cast<acc_t>(om[2 * k]), static_cast<acc_t>(om[2 * k + 1]));
+        x = pos.x;
+        y = pos.y;
         m = static_cast<acc_t>(om[2 * K + k]);
       }
       const auto c = bilinear_corners<acc_t, int>(y, x, H, W);

@@ -30,8 +30,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                        at.g * 3 * K;
   const scalar_t* image = value + static_cast<int64_t>(at.n) * H * W * C + channel;
   const auto centre = window_centre<acc_t>(p, at.yo, at.xo);
-  const acc_t scale = static_cast<acc_t>(p.offset_scale);
-  const int half_w = (p.dilation_w * (kernel_w - 1)) / 2, half_h = (p.dilation_h * (kernel_h - 1)) / 2;
   const int centre_point = (kernel_w / 2) * kernel_h + kernel_h / 2;
 
   acc_t acc[V];
@@ -45,8 +43,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const int grid_point = i * kernel_h + j;
       if (p.remove_center && grid_point == centre_point) continue;
       const int k = grid_point - (p.remove_center && grid_point > centre_point ? 1 : 0);
-      const acc_t x = centre.x + (acc_t(i * p.dilation_w - half_w) + static_cast<acc_t>(om[2 * k])) * scale;
-      const acc_t y = centre.y + (acc_t(j * p.dilation_h - half_h) + static_cast<acc_t>(om[2 * k + 1])) * scale;
+      const auto pos =
+          sampling_position<KH, KW>(p, centre, i, j, static_cast<acc_t>(om[2 * k]), static_cast<acc_t>(om[2 * k + 1]));
+      const acc_t x = pos.x, y = pos.y;
       const acc_t m = static_cast<acc_t>(om[2 * K + k]);
       const auto c = bilinear_corners<acc_t, int>(y, x, H, W);
       if (!c.used) {
@@ -110,8 +109,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int pixels = t.tile_h * t.tile_w;
   const int64_t out_image = static_cast<int64_t>(n) * p.out_height * p.out_width;
   const int centre_point = (KW / 2) * KH + KH / 2;
-  const float scale = static_cast<float>(p.offset_scale);
-  const int half_w = (p.dilation_w * (KW - 1)) / 2, half_h = (p.dilation_h * (KH - 1)) / 2;
 
   // Phase 1: the geometry of every (pixel, point) of the tile, consecutive threads on consecutive points.
   for (int e = threadIdx.x; e < pixels * K; e += blockDim.x) {
@@ -124,8 +121,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const scalar_t* om = offset_mask + out_image * p.om_channels +
                            (yo * static_cast<int>(p.out_width) + xo) * static_cast<int>(p.om_channels) + g * 3 * K;
       const auto centre = window_centre<float>(p, yo, xo);
-      const float x = centre.x + (float(i * p.dilation_w - half_w) + static_cast<float>(om[2 * k])) * scale;
-      const float y = centre.y + (float(j * p.dilation_h - half_h) + static_cast<float>(om[2 * k + 1])) * scale;
+      const auto pos =
+          sampling_position<KH, KW>(p, centre, i, j, static_cast<float>(om[2 * k]), static_cast<float>(om[2 * k + 1]));
+      const float x = pos.x, y = pos.y;
       const float m = static_cast<float>(om[2 * K + k]);
       const auto c = bilinear_corners<float, int>(y, x, H, W);
 #pragma unroll
