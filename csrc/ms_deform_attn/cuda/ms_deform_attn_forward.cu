@@ -31,7 +31,7 @@ struct ForwardArgs {
 };
 
 template <typename scalar_t, int VEC, int LANES, bool FLASH>
-__global__ void __launch_bounds__(Launch<LANES>::threads)
+__global__ void __launch_bounds__(Launch<LANES>::threads, Launch<LANES>::min_blocks)
     msda_forward_kernel(const ForwardArgs<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int kSlots = Launch<LANES>::slots;
@@ -95,9 +95,11 @@ __global__ void __launch_bounds__(Launch<LANES>::threads)
         my_table[e] = entry;
       }
       __syncwarp(mask);
-      // 2. Every lane gathers its VEC channels at the four corners of each point.
+      // 2. Every lane gathers its VEC channels at the four corners of each point. Four points unrolled
+      // keep up to 16 independent loads in flight (DINO decoder fp32 forward on an H200: 0.0318 ms with
+      // two and no register bound, 0.0286 with two and at most 40 registers, 0.0237 with four and 64).
       if (active) {
-#pragma unroll 2
+#pragma unroll 4
         for (int e = 0; e < count; ++e) {
           const ForwardEntry<acc_t> entry = my_table[e];
 #pragma unroll
