@@ -24,6 +24,11 @@ whenever that costs no device synchronisation, i.e. when they are CPU tensors; p
 ``check_levels=True`` to check CUDA tables too (one small device-to-host copy, which waits for the GPU),
 or ``check_levels=False`` to skip. Inconsistent tables never make the kernels read out of bounds: on CUDA a
 level that does not fit in ``value`` contributes nothing, on CPU it is an error.
+
+Host time: a CUDA call whose tables are already on the device (the usual case inside a model) goes straight
+to the op, whose C++ checks guard it; the Python checks below run only when that call fails (and then
+raise the precise error) or has something to convert. They cost about 15 us of host time a call on the
+GPU machine, where small calls (DINO's decoder) are bound by host time (``docs/ms_deform_attn.md``).
 """
 import numbers
 
@@ -140,6 +145,13 @@ def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_att
     Returns:
         ``(N, Len_q, heads * D)`` in the dtype of ``value``.
     """
+    if check_levels is None and type(num_points) is int and not torch.compiler.is_compiling():
+        try:
+            if value.is_cuda and spatial_shapes.is_cuda and level_start_index.is_cuda:
+                return torch.ops.mmdcnv4.flash_deform_attn_forward(value, spatial_shapes, level_start_index,
+                                                                   sampling_loc_attn, num_points)
+        except Exception:  # noqa: BLE001  (the checks below raise the precise error)
+            pass
     _check_float(value, 'value', 4, '(N, Len_in, heads, D)')
     _check_float(sampling_loc_attn, 'sampling_loc_attn', 4, '(N, Len_q, heads, 3 * L * P)')
     # `type(...) is int` first: the numbers.Integral (ABC) check is slow for a per-call check.
@@ -181,6 +193,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     Returns:
         ``(N, Len_q, heads * D)`` in the dtype of ``value``.
     """
+    if check_levels is None and not torch.compiler.is_compiling():
+        try:  # the fast path of flash_deform_attn
+            if value.is_cuda and spatial_shapes.is_cuda and level_start_index.is_cuda:
+                return torch.ops.mmdcnv4.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
+                                                                sampling_locations, attention_weights)
+        except Exception:  # noqa: BLE001  (the checks below raise the precise error)
+            pass
     _check_float(value, 'value', 4, '(N, Len_in, heads, D)')
     _check_float(sampling_locations, 'sampling_locations', 6, '(N, Len_q, heads, L, P, 2)')
     _check_float(attention_weights, 'attention_weights', 5, '(N, Len_q, heads, L, P)')

@@ -1,4 +1,6 @@
 """DCNv4: the compiled kernels against the float64 reference, on CPU and (marker `cuda`) on CUDA."""
+import importlib
+
 import pytest
 import torch
 
@@ -293,13 +295,31 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('override,error,message', BAD_INPUTS)
-def test_bad_inputs(override, error, message):
+def test_bad_inputs(override, error, message, device):
+    """On CUDA the call first goes straight to the op; its failure must still give the precise error."""
     args = dict(value=torch.randn(1, 5, 5, 8), offset_mask=torch.randn(1, 5, 5, 27), kernel_size=3, stride=1,
                 padding=1, dilation=1, group=1, offset_scale=1.0, remove_center=False)
     args.update(override)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(error, match=message):
         dcnv4(**args)
+
+
+@pytest.mark.cuda
+def test_cuda_calls_skip_the_python_checks(rng, monkeypatch):
+    """CUDA inputs with plain arguments go straight to the op (host time); others take the Python checks."""
+    dcnv4_module = importlib.import_module('mmdcnv4.ops.dcnv4')  # the module (mmdcnv4.ops.dcnv4 is the function)
+    value, om = make_inputs(rng, 1, 6, 7, 2, 8, dtype=torch.float32, device='cuda')
+    want = dcnv4(value, om, group=2)
+
+    def fail(*args):
+        raise AssertionError('the Python checks ran')
+    monkeypatch.setattr(dcnv4_module, '_check_tensor', fail)
+    assert torch.equal(dcnv4(value, om, (3, 3), 1, (1, 1), 1, 2, 1.0, False), want)
+    with pytest.raises(AssertionError, match='Python checks'):
+        dcnv4(value, om, group=2, offset_scale=1)  # an int offset_scale takes the checked path
 
 
 def test_missing_cuda_kernels_give_a_clear_error():

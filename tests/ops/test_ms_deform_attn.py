@@ -4,6 +4,8 @@ CPU tests are small (a 2-core machine runs them); the ``cuda`` ones run where a 
 are. References: ``mmdcnv4.ops.reference`` in float64, on the inputs rounded to the tested dtype, so the
 tolerances measure the kernels' arithmetic only.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -619,6 +621,55 @@ def test_cuda_graph_capture_deterministic_backward(rng):
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
+
+
+@cuda
+def test_cuda_bad_inputs(rng):
+    """CUDA calls with device tables go straight to the op; a failure must still give the precise error."""
+    value, ss, lsi, sla, loc, weights = make_inputs(rng, 2, 3, 2, 4, ((3, 3), (2, 2)), 2, torch.float32, 'cuda')
+    cases = [
+        (lambda: flash_deform_attn(value[0], ss, lsi, sla, 2), ValueError, 'value must be'),
+        (lambda: flash_deform_attn(value.long(), ss, lsi, sla, 2), TypeError, 'value must be float16'),
+        (lambda: flash_deform_attn(value, ss, lsi, sla, 2.0), TypeError, 'num_points must be an int'),
+        (lambda: flash_deform_attn(value, ss, lsi, sla, True), TypeError, 'num_points must be an int'),
+        (lambda: flash_deform_attn(value, ss, lsi, sla, 0), ValueError, 'num_points must be >= 1'),
+        (lambda: flash_deform_attn(value, ss, lsi, sla, 3), ValueError, '3 \\* L \\* P'),
+        (lambda: flash_deform_attn(value, ss, lsi, sla[:1], 2), ValueError, 'batch'),
+        (lambda: flash_deform_attn(value, ss, lsi, sla.double(), 2), TypeError, 'same dtype'),
+        (lambda: flash_deform_attn(value, ss.float(), lsi, sla, 2), TypeError, 'spatial_shapes must be an integer'),
+        (lambda: flash_deform_attn(value, ss.reshape(-1), lsi, sla, 2), ValueError,
+         'spatial_shapes must be \\(L, 2\\)'),
+        (lambda: flash_deform_attn(value, ss, lsi[:1], sla, 2), ValueError, 'one entry per level'),
+        (lambda: flash_deform_attn(value, ss, lsi, sla.cpu(), 2), ValueError, 'device'),
+        (lambda: ms_deform_attn(value, ss, lsi, loc[..., :1, :, :], weights), ValueError, 'sampling_locations must be'),
+        (lambda: ms_deform_attn(value, ss, lsi, loc, weights[..., :1]), ValueError, 'attention_weights must be'),
+        (lambda: ms_deform_attn(value, ss, lsi, loc, weights.double()), TypeError, 'same dtype'),
+        (lambda: ms_deform_attn(value, ss, lsi, loc, weights.cpu()), ValueError, 'device'),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+@cuda
+def test_cuda_calls_skip_the_python_checks(rng, monkeypatch):
+    """Device tables: straight to the op (host time). CPU tables: checked (and moved) in Python."""
+    msda_module = importlib.import_module('mmdcnv4.ops.ms_deform_attn')  # (mmdcnv4.ops.ms_deform_attn: the function)
+    value, ss, lsi, sla, loc, weights = make_inputs(rng, 2, 5, 2, 8, ((4, 5), (2, 3)), 2, torch.float32, 'cuda')
+    want_flash = flash_deform_attn(value, ss, lsi, sla, 2)
+    want_mmcv = ms_deform_attn(value, ss, lsi, loc, weights)
+    torch.testing.assert_close(want_flash, want_mmcv)
+
+    def fail(*args):
+        raise AssertionError('the Python checks ran')
+    monkeypatch.setattr(msda_module, '_level_tables', fail)
+    assert torch.equal(flash_deform_attn(value, ss, lsi, sla, 2), want_flash)
+    assert torch.equal(ms_deform_attn(value, ss, lsi, loc, weights), want_mmcv)
+    for call in (lambda: flash_deform_attn(value, ss.cpu(), lsi.cpu(), sla, 2),
+                 lambda: flash_deform_attn(value, ss, lsi, sla, 2, check_levels=True),
+                 lambda: ms_deform_attn(value, ss.cpu(), lsi.cpu(), loc, weights)):
+        with pytest.raises(AssertionError, match='Python checks'):
+            call()
 
 
 @cuda
