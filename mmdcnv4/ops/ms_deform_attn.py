@@ -128,6 +128,18 @@ def _check_batch_heads(value, name, tensor):
                          f'2, got shape {tuple(tensor.shape)}')
 
 
+def _unchecked_cuda_call(op, value, spatial_shapes, level_start_index, *rest):
+    """The host-time fast path (module docstring): ``op(...)`` for CUDA ``value`` and level tables, guarded
+    only by the op's C++ checks. None when it does not apply or the op refuses the input; the caller's Python
+    checks then convert the input or raise the precise error."""
+    try:
+        if value.is_cuda and spatial_shapes.is_cuda and level_start_index.is_cuda:
+            return op(value, spatial_shapes, level_start_index, *rest)
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
 def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_attn, num_points, *,
                       check_levels=None):
     """Multi-scale deformable attention with the softmax fused, packed layout.
@@ -146,12 +158,10 @@ def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_att
         ``(N, Len_q, heads * D)`` in the dtype of ``value``.
     """
     if check_levels is None and type(num_points) is int and not torch.compiler.is_compiling():
-        try:
-            if value.is_cuda and spatial_shapes.is_cuda and level_start_index.is_cuda:
-                return torch.ops.mmdcnv4.flash_deform_attn_forward(value, spatial_shapes, level_start_index,
-                                                                   sampling_loc_attn, num_points)
-        except Exception:  # noqa: BLE001  (the checks below raise the precise error)
-            pass
+        out = _unchecked_cuda_call(torch.ops.mmdcnv4.flash_deform_attn_forward, value, spatial_shapes,
+                                   level_start_index, sampling_loc_attn, num_points)
+        if out is not None:
+            return out
     _check_float(value, 'value', 4, '(N, Len_in, heads, D)')
     _check_float(sampling_loc_attn, 'sampling_loc_attn', 4, '(N, Len_q, heads, 3 * L * P)')
     # `type(...) is int` first: the numbers.Integral (ABC) check is slow for a per-call check.
@@ -194,12 +204,10 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         ``(N, Len_q, heads * D)`` in the dtype of ``value``.
     """
     if check_levels is None and not torch.compiler.is_compiling():
-        try:  # the fast path of flash_deform_attn
-            if value.is_cuda and spatial_shapes.is_cuda and level_start_index.is_cuda:
-                return torch.ops.mmdcnv4.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
-                                                                sampling_locations, attention_weights)
-        except Exception:  # noqa: BLE001  (the checks below raise the precise error)
-            pass
+        out = _unchecked_cuda_call(torch.ops.mmdcnv4.ms_deform_attn_forward, value, spatial_shapes,
+                                   level_start_index, sampling_locations, attention_weights)
+        if out is not None:
+            return out
     _check_float(value, 'value', 4, '(N, Len_in, heads, D)')
     _check_float(sampling_locations, 'sampling_locations', 6, '(N, Len_q, heads, L, P, 2)')
     _check_float(attention_weights, 'attention_weights', 5, '(N, Len_q, heads, L, P)')
