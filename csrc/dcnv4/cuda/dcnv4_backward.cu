@@ -1,9 +1,10 @@
 // DCNv4 backward on CUDA.
 //
-// Mapping: 2-D tiles of output pixels of one image and one group per block (dcnv4_cuda.cuh), T lanes
-// (a power of two <= 32, inside one warp) per pixel; lane l handles the channel vectors l, l + T, ... Per point, each lane forms partial sums of the weight and
-// offset gradients over its channels; a butterfly of warp shuffles reduces them over the T lanes and
-// lane 0 writes them, so those gradients need no atomics and are deterministic.
+// Mapping: 2-D tiles of output pixels of one image and a span of groups per block (dcnv4_cuda.cuh), T
+// lanes (a power of two <= 32, inside one warp) per (pixel, group); lane l handles the channel vectors
+// l, l + T, ... Per point, each lane forms partial sums of the weight and offset gradients over its
+// channels; a butterfly of warp shuffles reduces them over the T lanes and lane 0 writes them, so those
+// gradients need no atomics and are deterministic.
 //
 // The value gradient is a scatter (many output points hit one input pixel). By default each lane adds
 // its contributions with fp32 atomics, 16 bytes at a time on sm_90 (into the gradient itself for
@@ -149,13 +150,14 @@ void launch_backward(const scalar_t* value, const scalar_t* offset_mask, const s
                      scalar_t* grad_offset_mask, Accumulate accumulate, const DCNv4Params& p, cudaStream_t stream) {
   const int vecs = p.group_channels / V;
   // Lanes of a pixel stay inside one warp (for the shuffles) and loop over the group's chunks.
-  const TileShape t = make_tile_shape(p, lanes_for(vecs), 1);
+  const int lanes = lanes_for(vecs);
+  const TileShape t = make_tile_shape(p, lanes, 1, group_span_for(p, lanes, 1));
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     // The accumulator indexes the whole value gradient: offset its base like the inputs.
     Accumulate slice = accumulate;
     slice.base += first * p.height * p.width * p.channels;
-    const dim3 grid(t.tiles, p.group, static_cast<unsigned>(count));
+    const dim3 grid(t.tiles, p.group / t.group_span, static_cast<unsigned>(count));
     dcnv4_backward_kernel<scalar_t, V, KH, KW, Accumulate><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         grad_output + first * out_image * p.channels, grad_offset_mask + first * out_image * p.om_channels,

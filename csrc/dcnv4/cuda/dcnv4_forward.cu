@@ -75,10 +75,11 @@ void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t
                     cudaStream_t stream) {
   const int vecs = p.group_channels / V;
   const int lanes = std::min(vecs, kThreadsPerBlock);
-  const TileShape t = make_tile_shape(p, lanes, (vecs + lanes - 1) / lanes);
+  const int chunks = (vecs + lanes - 1) / lanes;
+  const TileShape t = make_tile_shape(p, lanes, chunks, group_span_for(p, lanes, chunks));
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
-    const dim3 grid(t.tiles, p.group * t.chunks, static_cast<unsigned>(count));
+    const dim3 grid(t.tiles, p.group / t.group_span * t.chunks, static_cast<unsigned>(count));
     dcnv4_forward_kernel<scalar_t, V, KH, KW><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         output + first * out_image * p.channels, p, t, vecs);
