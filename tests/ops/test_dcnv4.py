@@ -357,6 +357,26 @@ def test_cuda_large_group_and_upstream_shapes(dtype, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('shape', [(16, 96, 96, 4, 16), (16, 72, 72, 4, 32)], ids=['d16', 'd32'])
+def test_cuda_two_vectors_per_thread(shape, dtype, rng):
+    """fp16/bf16 maps with 16 or 32 channels per group that fill the GPU at least twice take the forward
+    with two vectors per thread: it runs (kernel name), matches the float64 reference, and equals bit for
+    bit the per-image calls, which are too small for it."""
+    n, h, w, g, d = shape
+    value, om = make_inputs(rng, n, h, w, g, d, dtype=dtype, device='cuda', offset_std=1.0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = dcnv4(value, om, group=g)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if 'dcnv4_forward_kernel' in e.name]
+    assert names and all(',3,3,2>' in name.replace(' ', '') for name in names), names  # <scalar, V, 3, 3, NV=2>
+    ref = dcnv4_reference(value[:1].double(), om[:1].double(), (3, 3), (1, 1), (1, 1), (1, 1), g)
+    assert rel_err(out[:1], ref) < TOLERANCE[dtype]
+    for i in (0, n - 1):
+        assert torch.equal(out[i:i + 1], dcnv4(value[i:i + 1], om[i:i + 1], group=g))
+
+
+@pytest.mark.cuda
 def test_cuda_graph_capture(rng):
     value, om = make_inputs(rng, 2, 16, 16, 4, 16, dtype=torch.float32, device='cuda')
     static_out = dcnv4(value, om, group=4)  # warm-up (loads the kernels) outside the capture

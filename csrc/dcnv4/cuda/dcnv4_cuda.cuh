@@ -93,8 +93,9 @@ inline int pick_vector_width(int group_channels, std::initializer_list<const voi
   return vector_fits<T, kWide>(group_channels, pointers) ? kWide : 1;
 }
 
-// One vector per thread: measured on an H200, 2-8 vectors per thread were up to twice slower (fewer
-// loads in flight, larger tiles overflowing L1), see docs/dcnv4_op.md.
+// Vectors per thread: one, except the fp16/bf16 forward with 2 or 4 vectors a group (dcnv4_forward.cu),
+// where two pay; elsewhere 2-8 vectors per thread measured up to twice slower on an H200 (fewer threads
+// in flight), see docs/dcnv4_op.md.
 
 // The kernels index within one image with 32-bit arithmetic.
 inline void check_image_fits(const DCNv4Params& p) {

@@ -1,7 +1,9 @@
-// DCNv4 forward on CUDA. One thread per (output pixel, group, up to 32 channels), in 2-D tiles
-// (dcnv4_cuda.cuh): it reads its group's offsets and weights once per point, computes the bilinear
+// DCNv4 forward on CUDA. One thread per (output pixel, group, one or two 16-byte channel vectors), in 2-D
+// tiles (dcnv4_cuda.cuh): it reads its group's offsets and weights once per point, computes the bilinear
 // weights in fp32 once, and accumulates its channels in fp32 from 16-byte corner loads.
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "dcnv4/cuda/dcnv4_cuda.cuh"
 #include "dcnv4/dcnv4_host.h"
@@ -12,7 +14,7 @@ namespace {
 
 // KH and KW > 0 fix the kernel size at compile time (the common 3x3), so the point loop unrolls and the
 // loads of several points can be in flight together; 0 reads it from p.
-template <typename scalar_t, int V, int KH, int KW>
+template <typename scalar_t, int V, int KH, int KW, int NV>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                          scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t,
@@ -23,7 +25,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int kernel_h = KH > 0 ? KH : p.kernel_h, kernel_w = KW > 0 ? KW : p.kernel_w;
   const int C = static_cast<int>(p.channels), K = p.points;
   const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
-  const int channel = at.g * p.group_channels + at.vec * V;
+  const int channel = at.g * p.group_channels + at.vec * (V * NV);
   const int out_pixel = at.yo * static_cast<int>(p.out_width) + at.xo;
   const int64_t out_image = static_cast<int64_t>(at.n) * p.out_height * p.out_width;
   const scalar_t* om = offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) +
@@ -32,9 +34,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const auto centre = window_centre<acc_t>(p, at.yo, at.xo);
   const int centre_point = (kernel_w / 2) * kernel_h + kernel_h / 2;
 
-  acc_t acc[V];
+  acc_t acc[V * NV];
 #pragma unroll
-  for (int e = 0; e < V; ++e) acc[e] = acc_t(0);
+  for (int e = 0; e < V * NV; ++e) acc[e] = acc_t(0);
   bool nan_point = false;
 #pragma unroll
   for (int i = 0; i < kernel_w; ++i) {
@@ -56,31 +58,37 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       for (int q = 0; q < 4; ++q) {
         if (c.index[q] < 0) continue;
         const acc_t w = m * c.weight[q];
-        acc_t f[V];
-        to_acc(load_vec<scalar_t, V>(image + c.index[q] * C), f);
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] += w * f[e];
+        for (int u = 0; u < NV; ++u) {
+          acc_t f[V];
+          to_acc(load_vec<scalar_t, V>(image + c.index[q] * C + u * V), f);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[u * V + e] += w * f[e];
+        }
       }
     }
   }
   if (nan_point) {
 #pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = NAN;
+    for (int e = 0; e < V * NV; ++e) acc[e] = NAN;
   }
-  store_from_acc<scalar_t, V>(output + out_image * C + out_pixel * C + channel, acc);
+#pragma unroll
+  for (int u = 0; u < NV; ++u) {
+    store_from_acc<scalar_t, V>(output + out_image * C + out_pixel * C + channel + u * V, acc + u * V);
+  }
 }
 
-template <typename scalar_t, int V, int KH, int KW>
+template <typename scalar_t, int V, int KH, int KW, int NV = 1>
 void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                     cudaStream_t stream) {
-  const int vecs = p.group_channels / V;
+  const int vecs = p.group_channels / (V * NV);  // per thread: NV vectors of V channels
   const int lanes = std::min(vecs, kThreadsPerBlock);
   const int chunks = (vecs + lanes - 1) / lanes;
   const TileShape t = make_tile_shape(p, lanes, chunks, group_span_for(p, lanes, chunks));
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     const dim3 grid(t.tiles, p.group / t.group_span * t.chunks, static_cast<unsigned>(count));
-    dcnv4_forward_kernel<scalar_t, V, KH, KW><<<grid, t.threads, 0, stream>>>(
+    dcnv4_forward_kernel<scalar_t, V, KH, KW, NV><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         output + first * out_image * p.channels, p, t, vecs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -197,6 +205,34 @@ void launch_forward_shared(const scalar_t* value, const scalar_t* offset_mask, s
   });
 }
 
+// Two 16-byte vectors per thread (fp16/bf16, 16 or 32 channels per group: 1 or 2 threads per (pixel, group)
+// instead of 2 or 4). The forward is bound by instruction issue (docs/dcnv4_op.md), and every thread of a
+// (pixel, group) issues the same point geometry; with two vectors a thread issues it for twice the
+// channels. It costs registers (about 60 instead of 40, so half the SM's threads instead of three
+// quarters), so it is taken only when the problem still fills at least two waves of the device. Measured
+// on an H200: T224 s1 fp16 0.119 -> 0.107 ms, 64x56x56x128 fp16 0.227 -> 0.183; FlashInternImage-L
+// stage 4 (2x25x42, 80 groups, 1.2 waves) got slower, 0.037 -> 0.044; fp32 got slower at 16 channels.
+template <typename scalar_t, int V>
+bool two_vectors_fill_device(const DCNv4Params& p) {
+  const int vecs = p.group_channels / V;
+  if (vecs != 2 && vecs != 4) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> wave_cache[kMaxDevices] = {};  // threads of one wave, per device
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int64_t wave = device < kMaxDevices ? wave_cache[device].load(std::memory_order_relaxed) : 0;
+  if (wave == 0) {
+    int sms = 0, blocks = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, dcnv4_forward_kernel<scalar_t, V, 3, 3, 2>, kThreadsPerBlock, 0));
+    wave = static_cast<int64_t>(sms) * blocks * kThreadsPerBlock;
+    if (device < kMaxDevices) wave_cache[device].store(wave, std::memory_order_relaxed);
+  }
+  const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (vecs / 2);
+  return threads >= 2 * wave;
+}
+
 // Instantiates only what is used: fp64 (for gradcheck) and channel counts that allow no 16-byte vectors
 // take the generic kernel; the others get 16-byte vectors, and 3x3 the shared-geometry kernel.
 template <typename scalar_t>
@@ -212,7 +248,14 @@ void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar
         std::is_same_v<at::opmath_type<scalar_t>, float>) {
       return launch_forward_shared<scalar_t, kWide>(value, offset_mask, output, p, stream);
     }
-    if (wide && p.kernel_h == 3 && p.kernel_w == 3) return launch_forward<scalar_t, kWide, 3, 3>(value, offset_mask, output, p, stream);
+    if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
+      if constexpr (sizeof(scalar_t) == 2) {
+        if (two_vectors_fill_device<scalar_t, kWide>(p)) {
+          return launch_forward<scalar_t, kWide, 3, 3, 2>(value, offset_mask, output, p, stream);
+        }
+      }
+      return launch_forward<scalar_t, kWide, 3, 3>(value, offset_mask, output, p, stream);
+    }
     if (wide) return launch_forward<scalar_t, kWide, 0, 0>(value, offset_mask, output, p, stream);
   }
   launch_forward<scalar_t, 1, 0, 0>(value, offset_mask, output, p, stream);
