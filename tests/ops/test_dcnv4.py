@@ -177,6 +177,17 @@ def test_empty_batch(device):
 
 
 @pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
+def test_nan_offset_poisons_only_its_pixel_and_group(device, dtype, rng):
+    """16 channels a group: on CUDA the fp32 lanes of a (pixel, group) share the point geometry by shuffles,
+    the fp16 ones each compute it; either way one NaN offset poisons exactly its (pixel, group)."""
+    value, om = make_inputs(rng, 2, 7, 9, 2, 16, dtype=dtype, device=device)
+    om[1, 3, 4, 27 + 2 * 4] = float('nan')  # image 1, pixel (3, 4), group 1, x offset of point 4
+    nan = torch.isnan(dcnv4(value, om, group=2))
+    assert nan[1, 3, 4, 16:].all() and nan.sum() == 16
+
+
+@pytest.mark.parametrize('device', DEVICES)
 def test_nan_propagates(device, rng):
     value, om = make_inputs(rng, 1, 6, 6, 1, 8, offset_std=0.0, device=device)
     om[..., :18] = 0  # the regular 3x3 grid: every point lands on a pixel centre
