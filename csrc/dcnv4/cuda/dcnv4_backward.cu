@@ -16,6 +16,7 @@
 // buffer (twice the fp32 one) and two reductions, and needs no host synchronisation.
 #include <torch/library.h>
 
+#include "common/cuda_buffers.cuh"
 #include "dcnv4/cuda/dcnv4_cuda.cuh"
 #include "dcnv4/dcnv4_host.h"
 
@@ -221,16 +222,21 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
     dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
     return (fixed.to(at::kDouble) / scale).to(value.scalar_type());
   }
+  // Buffers from common/cuda_buffers.cuh (a memset and a plain rounding launch): small maps are bound by
+  // host time.
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    at::Tensor grad_value = at::zeros_like(value);
+    at::Tensor grad_value = cuda_buffers::zeros(value.sizes(), value.options(), stream);
     FloatAtomicAdd<acc_t> add{grad_value.mutable_data_ptr<scalar_t>()};
     dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
     return grad_value;
   } else {
-    at::Tensor buffer = at::zeros(value.sizes(), value.options().dtype(at::kFloat));
+    at::Tensor buffer = cuda_buffers::zeros(value.sizes(), value.options().dtype(at::kFloat), stream);
     FloatAtomicAdd<acc_t> add{buffer.mutable_data_ptr<float>()};
     dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
-    return buffer.to(value.scalar_type());
+    at::Tensor grad_value = at::empty_like(value);
+    cuda_buffers::round_into<scalar_t>(buffer, grad_value, stream);
+    return grad_value;
   }
 }
 
@@ -250,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(
   const at::Tensor offset_mask = offset_mask_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous().to(value.scalar_type());
   // Zeros: the padded tail of offset_mask gets zero gradient.
-  at::Tensor grad_offset_mask = at::zeros_like(offset_mask);
+  at::Tensor grad_offset_mask =
+      cuda_buffers::zeros(offset_mask.sizes(), offset_mask.options(), c10::cuda::getCurrentCUDAStream());
   if (grad_output.numel() == 0 || value.numel() == 0) return {at::zeros_like(value), grad_offset_mask};
 
   at::Tensor grad_value;

@@ -239,34 +239,6 @@ __global__ void fixed_to_value_kernel(const long long* __restrict__ fixed, const
   }
 }
 
-// The fp32 accumulation buffer rounded to fp16/bf16, 4 elements per access (both buffers come from the
-// caching allocator, so they are 16- and 8-byte aligned). A plain launch rather than Tensor::to, to spare
-// the host TensorIterator's set-up where the backward is bound by host time (DINO's decoder; the saving
-// was not measured on its own).
-template <typename scalar_t>
-__global__ void round_accumulator_kernel(const float* __restrict__ accum, int64_t count, scalar_t* __restrict__ out) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  for (int64_t i = first; i < count / 4; i += stride) {
-    const float4 v = reinterpret_cast<const float4*>(accum)[i];
-    const float f[4] = {v.x, v.y, v.z, v.w};
-    VecIO<scalar_t, 4>::store(out + 4 * i, f);
-  }
-  for (int64_t i = count / 4 * 4 + first; i < count; i += stride) out[i] = static_cast<scalar_t>(accum[i]);
-}
-
-template <typename scalar_t>
-void round_accumulator(const at::Tensor& accum, const at::Tensor& out, cudaStream_t stream) {
-  const int64_t count = accum.numel();
-  constexpr int kThreads = 256;
-  const int64_t wave = resident_threads(out.get_device()) / kThreads;
-  const int blocks =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((count / 4 + kThreads - 1) / kThreads, wave)));
-  round_accumulator_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(accum.const_data_ptr<float>(), count,
-                                                                      out.mutable_data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 template <typename scalar_t, int VEC, int LANES, bool FLASH, bool MULTI_BLOCK>
 void launch_backward(const BackwardArgs<scalar_t>& args, cudaStream_t stream) {
   const dim3 grid = grid_for(args.rows, Launch<LANES>::slots, args.batch);
@@ -369,10 +341,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
       args.grad_value_fixed = reinterpret_cast<long long*>(fixed.mutable_data_ptr<int64_t>());
       args.fixed_scale = fixed_scale.const_data_ptr<double>();
     } else {
-      // The gradient itself for fp32/fp64. One driver memset rather than at::zeros' fill kernel, for the
-      // same reason as round_accumulator.
-      accum = at::empty(value.sizes(), value.options().dtype(acc_type));
-      C10_CUDA_CHECK(cudaMemsetAsync(accum.mutable_data_ptr(), 0, accum.nbytes(), stream));
+      // The gradient itself for fp32/fp64 (common/cuda_buffers.cuh: a memset, for the host time).
+      accum = cuda_buffers::zeros(value.sizes(), value.options().dtype(acc_type), stream);
       args.grad_value = accum.mutable_data_ptr<acc_t>();
       args.grad_value_fixed = nullptr;
       args.fixed_scale = nullptr;
@@ -398,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
       grad_value = accum;  // fp32/fp64: accumulated in place
     } else {
       grad_value = at::empty_like(value);
-      round_accumulator<scalar_t>(accum, grad_value, stream);
+      cuda_buffers::round_into<scalar_t>(accum, grad_value, stream);
     }
   });
   return {grad_value, grad_sampling, grad_weights};

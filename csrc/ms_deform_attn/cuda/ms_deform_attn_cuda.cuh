@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/cuda_buffers.cuh"
 #include "ms_deform_attn/ms_deform_attn_host.h"
 #include "ms_deform_attn/ms_deform_attn_params.h"
 
@@ -332,20 +333,7 @@ inline dim3 grid_for(int64_t rows_per_image, int slots, int64_t batch) {
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(std::min<int64_t>(batch, 65535)), 1);
 }
 
-// Threads the device holds at once (SMs x threads per SM): one "wave". Queried once per device.
-inline int64_t resident_threads(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int64_t> cache[kMaxDevices] = {};
-  if (device >= 0 && device < kMaxDevices) {
-    if (const int64_t known = cache[device].load(std::memory_order_relaxed)) return known;
-  }
-  int sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  const int64_t threads = static_cast<int64_t>(sms) * per_sm;
-  if (device >= 0 && device < kMaxDevices) cache[device].store(threads, std::memory_order_relaxed);
-  return threads;
-}
+using cuda_buffers::resident_threads;
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -1,0 +1,77 @@
+// Gradient buffers of the CUDA backward passes: zero-filled with one driver memset and rounded from fp32
+// with one plain launch, instead of at::zeros and Tensor::to, which each set up a TensorIterator on the
+// host. The backward of a small problem is bound by host time (docs/ms_deform_attn.md, DINO decoder).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace mmdcnv4 {
+namespace cuda_buffers {
+
+// Threads the device holds at once (SMs x threads per SM): one "wave". Queried once per device.
+inline int64_t resident_threads(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cache[kMaxDevices] = {};
+  if (device >= 0 && device < kMaxDevices) {
+    if (const int64_t known = cache[device].load(std::memory_order_relaxed)) return known;
+  }
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  const int64_t threads = static_cast<int64_t>(sms) * per_sm;
+  if (device >= 0 && device < kMaxDevices) cache[device].store(threads, std::memory_order_relaxed);
+  return threads;
+}
+
+// A new contiguous tensor of zeros, filled on `stream` (the caller's current stream, on its device).
+inline at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options, cudaStream_t stream) {
+  at::Tensor t = at::empty(sizes, options);
+  if (t.numel() > 0) C10_CUDA_CHECK(cudaMemsetAsync(t.mutable_data_ptr(), 0, t.nbytes(), stream));
+  return t;
+}
+
+template <typename scalar_t>
+struct alignas(4 * sizeof(scalar_t)) FourValues {
+  scalar_t v[4];
+};
+
+// out[i] = accum[i] rounded to nearest, 4 elements per access (both buffers come from the caching
+// allocator, so they are 16- and 8-byte aligned).
+template <typename scalar_t>
+__global__ void round_kernel(const float* __restrict__ accum, int64_t count, scalar_t* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  for (int64_t i = first; i < count / 4; i += stride) {
+    const float4 v = reinterpret_cast<const float4*>(accum)[i];
+    FourValues<scalar_t> r;
+    r.v[0] = static_cast<scalar_t>(v.x);
+    r.v[1] = static_cast<scalar_t>(v.y);
+    r.v[2] = static_cast<scalar_t>(v.z);
+    r.v[3] = static_cast<scalar_t>(v.w);
+    reinterpret_cast<FourValues<scalar_t>*>(out)[i] = r;
+  }
+  for (int64_t i = count / 4 * 4 + first; i < count; i += stride) out[i] = static_cast<scalar_t>(accum[i]);
+}
+
+// The fp32 tensor `accum` rounded into `out` (fp16 or bf16, as many elements, both contiguous).
+template <typename scalar_t>
+void round_into(const at::Tensor& accum, const at::Tensor& out, cudaStream_t stream) {
+  const int64_t count = accum.numel();
+  if (count == 0) return;
+  constexpr int kThreads = 256;
+  const int64_t wave = resident_threads(out.get_device()) / kThreads;
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((count / 4 + kThreads - 1) / kThreads, wave)));
+  round_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(accum.const_data_ptr<float>(), count,
+                                                          out.mutable_data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda_buffers
+}  // namespace mmdcnv4
