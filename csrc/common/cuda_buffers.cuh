@@ -1,6 +1,7 @@
 // Gradient buffers of the CUDA backward passes: zero-filled with one driver memset and rounded from fp32
 // with one plain launch, instead of at::zeros and Tensor::to, which each set up a TensorIterator on the
 // host. The backward of a small problem is bound by host time (docs/ms_deform_attn.md, DINO decoder).
+// Also the per-device queries that size launches (cached, so they cost no host time after the first).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,19 +15,29 @@
 namespace mmdcnv4 {
 namespace cuda_buffers {
 
-// Threads the device holds at once (SMs x threads per SM): one "wave". Queried once per device.
-inline int64_t resident_threads(int device) {
+// compute(device), computed once per device and cached (one cache per call site: each lambda is its own
+// type). compute must return a non-zero value, 0 meaning "not known yet".
+template <typename Compute>
+int64_t cached_per_device(int device, Compute compute) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> cache[kMaxDevices] = {};
-  if (device >= 0 && device < kMaxDevices) {
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
     if (const int64_t known = cache[device].load(std::memory_order_relaxed)) return known;
   }
-  int sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  const int64_t threads = static_cast<int64_t>(sms) * per_sm;
-  if (device >= 0 && device < kMaxDevices) cache[device].store(threads, std::memory_order_relaxed);
-  return threads;
+  const int64_t value = compute(device);
+  if (cacheable) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+// Threads the device holds at once (SMs x threads per SM): one "wave".
+inline int64_t resident_threads(int device) {
+  return cached_per_device(device, [](int d) {
+    int sms = 0, per_sm = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, d));
+    return static_cast<int64_t>(sms) * per_sm;
+  });
 }
 
 // A new contiguous tensor of zeros, filled on `stream` (the caller's current stream, on its device).

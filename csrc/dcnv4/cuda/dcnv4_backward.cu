@@ -170,8 +170,8 @@ void launch_backward(const scalar_t* value, const scalar_t* offset_mask, const s
 // Instantiates only what is used (see dispatch_forward).
 template <typename scalar_t, typename Accumulate>
 void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, const at::Tensor& grad_output,
-                       at::Tensor& grad_offset_mask, Accumulate accumulate, const DCNv4Params& p) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+                       at::Tensor& grad_offset_mask, Accumulate accumulate, const DCNv4Params& p,
+                       cudaStream_t stream) {
   const scalar_t* v = value.const_data_ptr<scalar_t>();
   const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
   const scalar_t* om = offset_mask.const_data_ptr<scalar_t>();
@@ -212,28 +212,28 @@ at::Tensor fixed_point_scale(const at::Tensor& offset_mask, const at::Tensor& gr
 // Runs the kernel with the accumulator the mode and dtype call for, and returns the value gradient.
 template <typename scalar_t>
 at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask, const at::Tensor& grad_output,
-                          at::Tensor& grad_offset_mask, const DCNv4Params& p, bool deterministic) {
+                          at::Tensor& grad_offset_mask, const DCNv4Params& p, bool deterministic,
+                          cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (deterministic) {
     at::Tensor fixed = at::zeros(value.sizes(), value.options().dtype(at::kLong));
     const at::Tensor scale = fixed_point_scale(offset_mask, grad_output, p);
     FixedPointAtomicAdd add{reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()),
                             scale.const_data_ptr<double>()};
-    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     return (fixed.to(at::kDouble) / scale).to(value.scalar_type());
   }
   // Buffers from common/cuda_buffers.cuh (a memset and a plain rounding launch): small maps are bound by
   // host time.
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     at::Tensor grad_value = cuda_buffers::zeros(value.sizes(), value.options(), stream);
     FloatAtomicAdd<acc_t> add{grad_value.mutable_data_ptr<scalar_t>()};
-    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     return grad_value;
   } else {
     at::Tensor buffer = cuda_buffers::zeros(value.sizes(), value.options().dtype(at::kFloat), stream);
     FloatAtomicAdd<acc_t> add{buffer.mutable_data_ptr<float>()};
-    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     at::Tensor grad_value = at::empty_like(value);
     cuda_buffers::round_into<scalar_t>(buffer, grad_value, stream);
     return grad_value;
@@ -255,14 +255,14 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(
   const at::Tensor value = value_in.contiguous();
   const at::Tensor offset_mask = offset_mask_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous().to(value.scalar_type());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Zeros: the padded tail of offset_mask gets zero gradient.
-  at::Tensor grad_offset_mask =
-      cuda_buffers::zeros(offset_mask.sizes(), offset_mask.options(), c10::cuda::getCurrentCUDAStream());
+  at::Tensor grad_offset_mask = cuda_buffers::zeros(offset_mask.sizes(), offset_mask.options(), stream);
   if (grad_output.numel() == 0 || value.numel() == 0) return {at::zeros_like(value), grad_offset_mask};
 
   at::Tensor grad_value;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "dcnv4_backward_cuda", [&] {
-    grad_value = value_gradient<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, p, deterministic);
+    grad_value = value_gradient<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, p, deterministic, stream);
   });
   return {grad_value, grad_offset_mask};
 }

@@ -3,8 +3,7 @@
 // weights in fp32 once, and accumulates its channels in fp32 from 16-byte corner loads.
 #include <torch/library.h>
 
-#include <atomic>
-
+#include "common/cuda_buffers.cuh"
 #include "dcnv4/cuda/dcnv4_cuda.cuh"
 #include "dcnv4/dcnv4_host.h"
 
@@ -103,6 +102,7 @@ struct PointGeometry {
   float weight[4];  // m * bilinear weight
 };
 constexpr int kNanPoint = -2;
+constexpr PointGeometry kNoPoint = {{-1, -1, -1, -1}, {0.f, 0.f, 0.f, 0.f}};  // contributes nothing
 constexpr int kMaxSharedPixels = 128;  // 128 pixels x 9 points x 32 bytes = 36 KB of shared memory
 
 // The geometry of point k (0 <= k < p.points) of the window at `centre`, whose (pixel, group) offsets and
@@ -160,17 +160,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   for (int e = threadIdx.x; e < pixels * K; e += blockDim.x) {
     const int local = e / K, k = e - local * K;
     const int yo = tile_y * t.tile_h + local / t.tile_w, xo = tile_x * t.tile_w + local % t.tile_w;
-    PointGeometry pg;
+    PointGeometry pg = kNoPoint;
     if (yo < p.out_height && xo < p.out_width) {
       const scalar_t* om = offset_mask + out_image * p.om_channels +
                            (yo * static_cast<int>(p.out_width) + xo) * static_cast<int>(p.om_channels) + g * 3 * K;
       pg = point_geometry<KH, KW>(p, om, window_centre<float>(p, yo, xo), k, H, W);
-    } else {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        pg.index[q] = -1;
-        pg.weight[q] = 0.f;
-      }
     }
     geometry[e] = pg;
   }
@@ -231,12 +225,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   bool nan_point = false;
 #pragma unroll
   for (int first = 0; first < K_MAX; first += LANES) {
-    PointGeometry mine;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      mine.index[q] = -1;
-      mine.weight[q] = 0.f;
-    }
+    PointGeometry mine = kNoPoint;
     if (active && first + at.lane < K) mine = point_geometry<3, 3>(p, om, centre, first + at.lane, H, W);
 #pragma unroll
     for (int src = 0; src < LANES; ++src) {
@@ -304,19 +293,15 @@ template <typename scalar_t, int V>
 bool two_vectors_fill_device(const DCNv4Params& p) {
   const int vecs = p.group_channels / V;
   if (vecs != 2 && vecs != 4) return false;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int64_t> wave_cache[kMaxDevices] = {};  // threads of one wave, per device
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  int64_t wave = device < kMaxDevices ? wave_cache[device].load(std::memory_order_relaxed) : 0;
-  if (wave == 0) {
+  const int64_t wave = cuda_buffers::cached_per_device(device, [](int d) {  // threads of one wave
     int sms = 0, blocks = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &blocks, dcnv4_forward_kernel<scalar_t, V, 3, 3, 2>, kThreadsPerBlock, 0));
-    wave = static_cast<int64_t>(sms) * blocks * kThreadsPerBlock;
-    if (device < kMaxDevices) wave_cache[device].store(wave, std::memory_order_relaxed);
-  }
+    return static_cast<int64_t>(sms) * blocks * kThreadsPerBlock;
+  });
   const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (vecs / 2);
   return threads >= 2 * wave;
 }
