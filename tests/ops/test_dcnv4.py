@@ -387,6 +387,91 @@ def test_cuda_two_vectors_per_thread(shape, dtype, rng):
         assert torch.equal(out[i:i + 1], dcnv4(value[i:i + 1], om[i:i + 1], group=g))
 
 
+def poison_cuda_cache(dtype):
+    """Fills the caching allocator's free blocks with NaN, so that an output the kernels leave unwritten
+    shows up as NaN."""
+    torch.cuda.synchronize()
+    torch.empty(64 << 20, dtype=torch.uint8, device='cuda').view(dtype).fill_(float('nan'))
+    torch.cuda.synchronize()
+
+
+def piled_up_offsets(om, group, k, h, w, gen):
+    """Offsets that send every point of the first half of the output rows to one spot, and the points of
+    the rest onto exact pixel centres, half-pixel edges and just outside the map."""
+    n, ho, wo, _ = om.shape
+    ys = torch.arange(ho, dtype=torch.float64).view(1, ho, 1, 1, 1)
+    xs = torch.arange(wo, dtype=torch.float64).view(1, 1, wo, 1, 1)
+    grid = torch.tensor([(j - 1, i - 1) for i in range(3) for j in range(3)], dtype=torch.float64)[:k]
+    offsets = om[..., :group * 3 * k].reshape(n, ho, wo, group, 3 * k).clone()
+
+    def pick(size):
+        targets = torch.tensor([-1.0, -0.5, 0.0, 0.5, size - 1.0, size - 0.5, size - 0.999], dtype=torch.float64)
+        return targets[torch.randint(len(targets), (n, ho, wo, group, k), generator=gen)]
+
+    pick_y, pick_x = pick(h), pick(w)
+    top = ys < ho // 2
+    dy = torch.where(top, 2.25 - ys, pick_y - ys) - grid[:, 0]
+    dx = torch.where(top, 3.75 - xs, pick_x - xs) - grid[:, 1]
+    offsets[..., 0:2 * k:2] = dx.to(om.dtype)
+    offsets[..., 1:2 * k:2] = dy.to(om.dtype)
+    om = om.clone()
+    om[..., :group * 3 * k] = offsets.reshape(n, ho, wo, group * 3 * k)
+    return om
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('d', [16, 5], ids=['d16', 'd5'])
+def test_cuda_value_gradient_piled_up_points(d, dtype, rng):
+    """The backward against the float64 reference, and the default float-atomic value gradient against the
+    deterministic fixed-point one, with every point of half the map piled onto one spot (hundreds of
+    atomics on the same four pixels) and the rest on pixel centres, half-pixel edges and past the border;
+    every element written (allocator poisoned)."""
+    n, h, w, g = 3, 9, 11, 4
+    value, om = make_inputs(rng, n, h, w, g, d, dtype=torch.float64)
+    om = piled_up_offsets(om, g, 9, h, w, rng)
+    value, om = value.cuda().to(dtype).requires_grad_(), om.cuda().to(dtype).requires_grad_()
+    grad = torch.randn(n, h, w, g * d, generator=rng, dtype=torch.float64).cuda()
+    poison_cuda_cache(dtype)
+    got = torch.autograd.grad(dcnv4(value, om, group=g), (value, om), grad.to(dtype))
+    ref = torch.autograd.grad(dcnv4_reference(value.double(), om.double(), group=g), (value, om), grad)
+    tolerance = 1e-12 if dtype == torch.float64 else GRAD_TOLERANCE[dtype]
+    assert rel_err(got[0], ref[0]) < tolerance and rel_err(got[1], ref[1]) < tolerance
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        scattered = torch.autograd.grad(dcnv4(value, om, group=g), value, grad.to(dtype))[0]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert rel_err(got[0], scattered) < tolerance
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_backward(rng):
+    """Forward and backward captured in a CUDA graph (the backward allocates and zero-fills its buffers on
+    the stream) and replayed on fresh inputs into poisoned gradients."""
+    value, om = make_inputs(rng, 2, 16, 16, 4, 16, dtype=torch.float32, device='cuda')
+    grad = torch.randn(2, 16, 16, 64, generator=rng).cuda()
+    value.requires_grad_()
+    om.requires_grad_()
+    torch.autograd.grad(dcnv4(value, om, group=4), (value, om), grad)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = torch.autograd.grad(dcnv4(value, om, group=4), (value, om), grad)
+    fresh_value, fresh_om = make_inputs(rng, 2, 16, 16, 4, 16, dtype=torch.float32, device='cuda')
+    with torch.no_grad():
+        value.copy_(fresh_value)
+        om.copy_(fresh_om)
+    for t in grads:
+        t.fill_(float('nan'))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = torch.autograd.grad(dcnv4(value, om, group=4), (value, om), grad)
+    torch.testing.assert_close(grads[0], want[0])
+    torch.testing.assert_close(grads[1], want[1])
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture(rng):
     value, om = make_inputs(rng, 2, 16, 16, 4, 16, dtype=torch.float32, device='cuda')
