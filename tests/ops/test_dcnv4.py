@@ -388,11 +388,15 @@ def test_cuda_two_vectors_per_thread(shape, dtype, rng):
 
 
 def poison_cuda_cache(dtype):
-    """Fills the caching allocator's free blocks with NaN, so that an output the kernels leave unwritten
-    shows up as NaN."""
+    """Fills free blocks of the caching allocator's pools with NaN (small tensors come from 2 MB segments,
+    large ones from their own), so that an output the kernels leave unwritten shows up as NaN."""
     torch.cuda.synchronize()
-    torch.empty(64 << 20, dtype=torch.uint8, device='cuda').view(dtype).fill_(float('nan'))
+    blocks = [torch.empty(512 << 10, dtype=torch.uint8, device='cuda') for _ in range(64)]
+    blocks.append(torch.empty(64 << 20, dtype=torch.uint8, device='cuda'))
+    for block in blocks:
+        block.view(dtype).fill_(float('nan'))
     torch.cuda.synchronize()
+    del blocks
 
 
 def piled_up_offsets(om, group, k, h, w, gen):
