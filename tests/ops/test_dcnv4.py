@@ -1,4 +1,5 @@
 """DCNv4: the compiled kernels against the float64 reference, on CPU and (marker `cuda`) on CUDA."""
+import contextlib
 import importlib
 
 import pytest
@@ -23,6 +24,17 @@ def make_inputs(gen, n, h, w, group, d, kernel=(3, 3), stride=(1, 1), pad=(1, 1)
     om = om.reshape(n, ho, wo, group * 3 * k)
     om = torch.cat([om, torch.randn(n, ho, wo, extra, generator=gen, dtype=torch.float64)], dim=-1)
     return value.to(device, dtype), om.to(device, dtype)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) inside the block, the previous setting after it."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 # (n, h, w, group, d, kernel, stride, pad, dilation, remove_center, offset_scale)
@@ -143,13 +155,9 @@ def test_deterministic_backward(dtype, device, rng):
     value.requires_grad_()
     om.requires_grad_()
     grad = torch.randn(4, 16, 16, 16, generator=rng).to(device, dtype)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         first = torch.autograd.grad(call(case, value, om), (value, om), grad)
         second = torch.autograd.grad(call(case, value, om), (value, om), grad)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     # And the deterministic result is as accurate as the default one.
     ref = torch.autograd.grad(call(case, value.double(), om.double(), dcnv4_reference), value, grad.double())[0]
@@ -242,15 +250,11 @@ def test_autograd_kernel_is_cpp(device, rng):
     grad = torch.randn(out.shape[:3] + (2 * out.shape[3],), generator=rng, dtype=out.dtype).to(device)[..., ::2]
     assert not grad.is_contiguous()
     # Deterministic mode makes the CUDA backward bitwise reproducible, so the results can be compared exactly.
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         got = torch.autograd.grad(out, (v1, o1), grad)
         want = torch.autograd.grad(wrapper, (v2, o2), grad)
         # Only the inputs that require grad get one.
         torch.ops.mmdcnv4.dcnv4_forward(value, o3, *args).backward(grad)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     direct = torch.ops.mmdcnv4.dcnv4_backward(value, om, grad.contiguous(), *args, True)
     for g, wg, dg in zip(got, want, direct):
         torch.testing.assert_close(g, wg, rtol=0, atol=0)
@@ -441,12 +445,8 @@ def test_cuda_value_gradient_piled_up_points(d, dtype, rng):
     ref = torch.autograd.grad(dcnv4_reference(value.double(), om.double(), group=g), (value, om), grad)
     tolerance = 1e-12 if dtype == torch.float64 else GRAD_TOLERANCE[dtype]
     assert rel_err(got[0], ref[0]) < tolerance and rel_err(got[1], ref[1]) < tolerance
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         scattered = torch.autograd.grad(dcnv4(value, om, group=g), value, grad.to(dtype))[0]
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert rel_err(got[0], scattered) < tolerance
 
 

@@ -158,7 +158,7 @@ void launch_backward(const scalar_t* value, const scalar_t* offset_mask, const s
     // The accumulator indexes the whole value gradient: offset its base like the inputs.
     Accumulate slice = accumulate;
     slice.base += first * p.height * p.width * p.channels;
-    const dim3 grid(t.tiles, p.group / t.group_span, static_cast<unsigned>(count));
+    const dim3 grid = tile_grid(t, p, count);
     dcnv4_backward_kernel<scalar_t, V, KH, KW, Accumulate><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         grad_output + first * out_image * p.channels, grad_offset_mask + first * out_image * p.om_channels,

@@ -163,6 +163,13 @@ inline int group_span_for(const DCNv4Params& p, int lanes, int chunks) {
   return span;
 }
 
+// The grid of a launch over `images` images (thread_place decodes it): tiles x (groups / span * chunks)
+// x images.
+inline dim3 tile_grid(const TileShape& t, const DCNv4Params& p, int64_t images) {
+  return dim3(static_cast<unsigned>(t.tiles), static_cast<unsigned>(p.group / t.group_span * t.chunks),
+              static_cast<unsigned>(images));
+}
+
 // Launches over the batch in slices of at most 65535 images (the grid's z limit): launch(first, count).
 template <typename Launch>
 inline void for_each_batch_slice(int64_t images, Launch&& launch) {

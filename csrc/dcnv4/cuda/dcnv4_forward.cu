@@ -86,7 +86,7 @@ void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t
   const TileShape t = make_tile_shape(p, lanes, chunks, group_span_for(p, lanes, chunks));
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
-    const dim3 grid(t.tiles, p.group / t.group_span * t.chunks, static_cast<unsigned>(count));
+    const dim3 grid = tile_grid(t, p, count);
     dcnv4_forward_kernel<scalar_t, V, KH, KW, NV><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         output + first * out_image * p.channels, p, t, vecs);
@@ -253,7 +253,7 @@ void launch_forward_split(const scalar_t* value, const scalar_t* offset_mask, sc
   const TileShape t = make_tile_shape(p, LANES, 1, group_span_for(p, LANES, 1));
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
-    const dim3 grid(t.tiles, p.group / t.group_span, static_cast<unsigned>(count));
+    const dim3 grid = tile_grid(t, p, count);
     dcnv4_forward_split_kernel<scalar_t, V, LANES><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         output + first * out_image * p.channels, p, t);
@@ -274,7 +274,7 @@ void launch_forward_shared(const scalar_t* value, const scalar_t* offset_mask, s
   }
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
-    const dim3 grid(t.tiles, p.group, static_cast<unsigned>(count));
+    const dim3 grid = tile_grid(t, p, count);
     dcnv4_forward_shared_kernel<scalar_t, V, 3, 3><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         output + first * out_image * p.channels, p, t);
