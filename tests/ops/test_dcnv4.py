@@ -450,6 +450,54 @@ def test_cuda_value_gradient_piled_up_points(d, dtype, rng):
     assert rel_err(got[0], scattered) < tolerance
 
 
+# (stride, dilation, offset_scale, remove_center, offset_std); offset_std None: piled_up_offsets
+SORTED_CASES = {
+    'base': (1, 1, 1.0, False, 1.5),
+    'offsets_past_the_region': (1, 1, 1.0, False, 6.0),
+    'stride_2': (2, 1, 1.0, False, 1.5),
+    'dilation_2_remove_center_scale_0.5': (1, 2, 0.5, True, 1.5),
+    'piled_up': (1, 1, 1.0, False, None),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('name', sorted(SORTED_CASES))
+def test_cuda_sorted_value_gradient(name, dtype, rng):
+    """fp16/bf16 with 32 channels a group on maps of at least 32 x 32 take the backward that sorts each
+    tile's corners by input pixel before adding them (kernel name checked). Its gradients match the float64
+    reference, with offsets past the tile's region, stride, dilation, remove_center, offset_scale and
+    hundreds of points on one pixel, and its value gradient matches the deterministic fixed-point one; every
+    element written (allocator poisoned)."""
+    stride, dil, scale, rc, offset_std = SORTED_CASES[name]
+    n, g, d = 2, 2, 32
+    h, w = 34 * stride, 38 * stride
+    value, om = make_inputs(rng, n, h, w, g, d, stride=(stride, stride), pad=(dil, dil), dil=(dil, dil),
+                            remove_center=rc, offset_std=offset_std or 1.0)
+    if offset_std is None:
+        om = piled_up_offsets(om, g, 9, h, w, rng)
+    args = ((3, 3), (stride, stride), (dil, dil), (dil, dil), g, scale, rc)
+    # The reference sees the inputs rounded to dtype (the offset gradient jumps at pixel edges).
+    value64, om64 = value.to(dtype).double().requires_grad_(), om.to(dtype).double().requires_grad_()
+    ref_out = dcnv4_reference(value64, om64, *args)
+    assert min(ref_out.shape[1:3]) >= 32
+    grad = torch.randn(ref_out.shape, generator=rng, dtype=torch.float64).to(dtype).double()
+    want = [t.cuda() for t in torch.autograd.grad(ref_out, (value64, om64), grad)]
+    value = value64.detach().cuda().to(dtype).requires_grad_()
+    om = om64.detach().cuda().to(dtype).requires_grad_()
+    grad = grad.cuda().to(dtype)
+    poison_cuda_cache(dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = torch.autograd.grad(dcnv4(value, om, *args), (value, om), grad)
+        torch.cuda.synchronize()
+    assert any('dcnv4_backward_sorted_kernel' in e.name for e in prof.events())
+    assert rel_err(got[0], want[0]) < GRAD_TOLERANCE[dtype]
+    assert rel_err(got[1], want[1]) < GRAD_TOLERANCE[dtype]
+    with deterministic_algorithms():
+        scattered = torch.autograd.grad(dcnv4(value, om, *args), value, grad)[0]
+    assert rel_err(got[0], scattered) < GRAD_TOLERANCE[dtype]
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture_backward(rng):
     """Forward and backward captured in a CUDA graph (the backward allocates and zero-fills its buffers on
