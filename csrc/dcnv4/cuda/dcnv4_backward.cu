@@ -439,11 +439,11 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
 // a 3x3 kernel, a region of at most kSortedMaxCells pixels, and maps of at least four tiles a side. It
 // reads 16-byte vectors (the plain kernel reads 8 bytes so that its fp32 atomics cover whole sectors), so
 // half as many lanes recompute a pixel's geometry, and few atomics remain. Measured on an H200
-// (docs/dcnv4_op.md), forward+backward against the plain kernel: 11-15 % faster on the maps of 56 x 56
-// and larger, even at 50 x 80; 4-8 % slower on maps under 32 pixels a side (per-block work that small,
-// ragged maps do not amortise). With 16 channels (2 lanes) it was within 2 % on the largest maps and up to
-// 22 % slower on smaller ones; fp32 (4-channel vectors, as many lanes) 0-5 % slower on the large maps and
-// up to 70 % on small ones. Those keep the plain kernel.
+// (docs/dcnv4_op.md), forward+backward against the plain kernel: 11-15 % faster on maps from 56 x 56 up,
+// equal at 50 x 80, 4-8 % slower on maps under 32 pixels a side (per-block work that small, ragged maps
+// do not amortise). With 16 channels (2 lanes) it was within 2 % on the largest maps and up to 22 % slower
+// on smaller ones; in fp32 (4-channel vectors, as many lanes) from 0.3 % faster to 5 % slower on the large
+// maps and up to 70 % slower on small ones. Those keep the plain kernel.
 template <typename scalar_t>
 bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                          scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
@@ -494,7 +494,7 @@ void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, c
   // the 8 threads of a 32-byte-aligned run of channels cover whole L2 sectors. fp16/bf16 therefore load
   // 8-byte vectors here: with 16-byte loads a thread's two float4 atomics would each touch half of two
   // sectors, doubling the sector atomics that bound this kernel (measured on an H200: forward+backward
-  // 1.7-1.8x slower at 32 channels a group). The sorted kernel, which has few atomics left, reads 16 bytes.
+  // 1.4-1.7x slower at 32 channels a group). The sorted kernel, which has few atomics left, reads 16 bytes.
   constexpr bool kHalf = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
   constexpr int kWide = kHalf ? 4 : 16 / sizeof(scalar_t);
   const bool wide = vector_fits<scalar_t, kWide>(p.group_channels, {v, go});
