@@ -54,6 +54,35 @@ __device__ __forceinline__ acc_t reduce_lanes(acc_t value, int lanes) {
   return value;
 }
 
+// Corner q of a point, over the thread's V channels: s_q = grad_output . value_q, and its terms of the
+// point's weight and offset gradients (the bilinear weight and derivatives times s_q).
+template <int V, typename acc_t>
+__device__ __forceinline__ void add_corner_terms(const acc_t (&g)[V], const acc_t (&f)[V], acc_t weight, acc_t dx,
+                                                 acc_t dy, acc_t& grad_m, acc_t& grad_x, acc_t& grad_y) {
+  acc_t s = 0;
+#pragma unroll
+  for (int e = 0; e < V; ++e) s += g[e] * f[e];
+  grad_m += weight * s;
+  grad_x += dx * s;
+  grad_y += dy * s;
+}
+
+// Reduces a point's weight and offset gradients over the pixel's lanes; the writer (lane 0) stores them.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_point_gradients(acc_t grad_m, acc_t grad_x, acc_t grad_y, int lanes, bool writer,
+                                                      bool nan_point, acc_t m, acc_t scale, scalar_t* gom, int k,
+                                                      int K) {
+  grad_m = reduce_lanes(grad_m, lanes);
+  grad_x = reduce_lanes(grad_x, lanes);
+  grad_y = reduce_lanes(grad_y, lanes);
+  if (writer) {
+    if (nan_point) grad_m = NAN;
+    gom[2 * k] = static_cast<scalar_t>(grad_x * scale * m);
+    gom[2 * k + 1] = static_cast<scalar_t>(grad_y * scale * m);
+    gom[2 * K + k] = static_cast<scalar_t>(grad_m);
+  }
+}
+
 // Per point and corner q, s_q = sum over the thread's channels of grad_output * value_q. The weight
 // gradient is sum_q w_q s_q and the offset gradients are fixed combinations of the s_q (the bilinear
 // derivative), so a channel costs one multiply-add per corner, plus its share of the value scatter.
@@ -114,12 +143,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
             const int offset = c.index[q] * C + ch;
             acc_t f[V];
             to_acc(load_vec<scalar_t, V>(image + offset), f);
-            acc_t s = 0;
-#pragma unroll
-            for (int e = 0; e < V; ++e) s += g[e] * f[e];
-            grad_m += c.weight[q] * s;
-            grad_x += dx_coef[q] * s;
-            grad_y += dy_coef[q] * s;
+            add_corner_terms<V>(g, f, c.weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
             const acc_t w = m * c.weight[q];
             acc_t contribution[V];
 #pragma unroll
@@ -128,16 +152,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           }
         }
       }
-      grad_m = reduce_lanes(grad_m, t.lanes);
-      grad_x = reduce_lanes(grad_x, t.lanes);
-      grad_y = reduce_lanes(grad_y, t.lanes);
-      if (active && at.lane == 0) {
-        scalar_t* gom = grad_offset_mask + om_offset;
-        if (!c.used && (isnan(x) || isnan(y))) grad_m = NAN;
-        gom[2 * k] = static_cast<scalar_t>(grad_x * scale * m);
-        gom[2 * k + 1] = static_cast<scalar_t>(grad_y * scale * m);
-        gom[2 * K + k] = static_cast<scalar_t>(grad_m);
-      }
+      write_point_gradients(grad_m, grad_x, grad_y, t.lanes, active && at.lane == 0, !c.used && (isnan(x) || isnan(y)),
+                            m, scale, grad_offset_mask + om_offset, k, K);
     }
   }
 }
@@ -295,12 +311,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
             const int offset = c.index[q] * C + ch;
             float f[V];
             to_acc(load_vec<scalar_t, V>(image + offset), f);
-            float s = 0;
-#pragma unroll
-            for (int e = 0; e < V; ++e) s += gv[e] * f[e];
-            grad_m += c.weight[q] * s;
-            grad_x += dx_coef[q] * s;
-            grad_y += dy_coef[q] * s;
+            add_corner_terms<V>(gv, f, c.weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
             if (cell[q] < 0) {  // outside the region: straight to global memory
               const float w = m * c.weight[q];
               float contribution[V];
@@ -323,16 +334,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
         }
         entry_key[entry] = key;
       }
-      grad_m = reduce_lanes(grad_m, LANES);
-      grad_x = reduce_lanes(grad_x, LANES);
-      grad_y = reduce_lanes(grad_y, LANES);
-      if (active && lane == 0) {
-        scalar_t* gom = grad_offset_mask + om_offset;
-        if (!c.used && (isnan(x) || isnan(y))) grad_m = NAN;
-        gom[2 * k] = static_cast<scalar_t>(grad_x * scale * m);
-        gom[2 * k + 1] = static_cast<scalar_t>(grad_y * scale * m);
-        gom[2 * K + k] = static_cast<scalar_t>(grad_m);
-      }
+      write_point_gradients(grad_m, grad_x, grad_y, LANES, active && lane == 0, !c.used && (isnan(x) || isnan(y)), m,
+                            scale, grad_offset_mask + om_offset, k, K);
     }
   }
   __syncthreads();
