@@ -11,6 +11,56 @@ namespace mmdcnv4 {
 namespace cuda {
 namespace {
 
+// A point's four bilinear corners as the forward reads them: the flat index of the top-left corner
+// (the others are +1, +W and +W+1), a bit per corner inside the image, and the weights m * bilinear
+// weight. The values are those of bilinear_corners (the contract) times m; one index instead of four
+// saves the forward a select, a compare and an address computation per corner.
+template <typename T>
+struct PointCorners {
+  int base;
+  int inside;  // bit q: corner q lies inside the image; kNanPoint: the point's position is NaN
+  T weight[4];
+};
+constexpr int kNanPoint = 1 << 4;
+
+template <typename T>
+__device__ __forceinline__ PointCorners<T> point_corners(T y, T x, T m, int H, int W) {
+  PointCorners<T> pc;
+  const bool used = y > T(-1) && y < T(H) && x > T(-1) && x < T(W);  // see bilinear_corners
+  const T fy = floor(y), fx = floor(x);
+  const int y0 = static_cast<int>(fy), x0 = static_cast<int>(fx);
+  const T ly = y - fy, lx = x - fx, hy = T(1) - ly, hx = T(1) - lx;
+  const bool top = used && y0 >= 0, bottom = used && y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+  pc.base = used ? y0 * W + x0 : 0;
+  pc.inside = (top && left) | (top && right) << 1 | (bottom && left) << 2 | (bottom && right) << 3;
+  if (!used && (isnan(x) || isnan(y))) pc.inside = kNanPoint;  // NaN offsets propagate instead of vanishing
+  pc.weight[0] = m * (hy * hx);
+  pc.weight[1] = m * (hy * lx);
+  pc.weight[2] = m * (ly * hx);
+  pc.weight[3] = m * (ly * lx);
+  return pc;
+}
+
+// Adds a point's corners over this thread's NV vectors of V channels (image: the thread's first channel;
+// its vectors are `step` elements apart) to acc. C: channels of a pixel, row: channels of an image row.
+template <typename scalar_t, int V, int NV, typename T>
+__device__ __forceinline__ void gather_point(const scalar_t* __restrict__ image, int C, int row, int step,
+                                             const PointCorners<T>& pc, T (&acc)[V * NV]) {
+  const int first = pc.base * C;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (!(pc.inside >> q & 1)) continue;
+    const int offset = first + (q & 1 ? C : 0) + (q & 2 ? row : 0);
+#pragma unroll
+    for (int u = 0; u < NV; ++u) {
+      T f[V];
+      to_acc(load_vec<scalar_t, V>(image + offset + u * step), f);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+    }
+  }
+}
+
 // KH and KW > 0 fix the kernel size at compile time (the common 3x3), so the point loop unrolls and the
 // loads of several points can be in flight together; 0 reads it from p.
 template <typename scalar_t, int V, int KH, int KW, int NV>
@@ -30,6 +80,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const scalar_t* om = offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) +
                        at.g * 3 * K;
   const scalar_t* image = value + static_cast<int64_t>(at.n) * H * W * C + channel;
+  const int row = W * C;
   const auto centre = window_centre<acc_t>(p, at.yo, at.xo);
   const int centre_point = (kernel_w / 2) * kernel_h + kernel_h / 2;
 
@@ -46,25 +97,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const int k = grid_point - (p.remove_center && grid_point > centre_point ? 1 : 0);
       const auto pos =
           sampling_position<KH, KW>(p, centre, i, j, static_cast<acc_t>(om[2 * k]), static_cast<acc_t>(om[2 * k + 1]));
-      const acc_t x = pos.x, y = pos.y;
-      const acc_t m = static_cast<acc_t>(om[2 * K + k]);
-      const auto c = bilinear_corners<acc_t, int>(y, x, H, W);
-      if (!c.used) {
-        nan_point |= isnan(x) || isnan(y);  // NaN offsets propagate instead of vanishing
-        continue;
-      }
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (c.index[q] < 0) continue;
-        const acc_t w = m * c.weight[q];
-#pragma unroll
-        for (int u = 0; u < NV; ++u) {
-          acc_t f[V];
-          to_acc(load_vec<scalar_t, V>(image + c.index[q] * C + u * V), f);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[u * V + e] += w * f[e];
-        }
-      }
+      const auto pc = point_corners<acc_t>(pos.y, pos.x, static_cast<acc_t>(om[2 * K + k]), H, W);
+      nan_point |= pc.inside == kNanPoint;
+      gather_point<scalar_t, V, NV>(image, C, row, V, pc, acc);
     }
   }
   if (nan_point) {
@@ -97,13 +132,9 @@ void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t
 // The 3x3 fast path. Every thread of a pixel needs the same point geometry (corner indices and
 // bilinear weights times m); instead of each thread recomputing it, the block computes it once per
 // (pixel, point) into shared memory, then each thread gathers its 16-byte channel vectors.
-struct PointGeometry {
-  int index[4];    // flat corner pixel index, -1 outside the image; index[0] == kNanPoint: NaN offsets
-  float weight[4];  // m * bilinear weight
-};
-constexpr int kNanPoint = -2;
-constexpr PointGeometry kNoPoint = {{-1, -1, -1, -1}, {0.f, 0.f, 0.f, 0.f}};  // contributes nothing
-constexpr int kMaxSharedPixels = 128;  // 128 pixels x 9 points x 32 bytes = 36 KB of shared memory
+using PointGeometry = PointCorners<float>;
+constexpr PointGeometry kNoPoint = {0, 0, {0.f, 0.f, 0.f, 0.f}};  // contributes nothing
+constexpr int kMaxSharedPixels = 128;  // 128 pixels x 9 points x 24 bytes = 27 KB of shared memory
 
 // The geometry of point k (0 <= k < p.points) of the window at `centre`, whose (pixel, group) offsets and
 // weights start at `om`.
@@ -116,31 +147,7 @@ __device__ __forceinline__ PointGeometry point_geometry(const DCNv4Params& p, co
   const int i = grid_point / KH, j = grid_point - i * KH;
   const auto pos =
       sampling_position<KH, KW>(p, centre, i, j, static_cast<float>(om[2 * k]), static_cast<float>(om[2 * k + 1]));
-  const float x = pos.x, y = pos.y;
-  const float m = static_cast<float>(om[2 * K + k]);
-  const auto c = bilinear_corners<float, int>(y, x, H, W);
-  PointGeometry pg;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    pg.index[q] = c.index[q];
-    pg.weight[q] = m * c.weight[q];
-  }
-  if (!c.used && (isnan(x) || isnan(y))) pg.index[0] = kNanPoint;
-  return pg;
-}
-
-// Adds point pg's four corners of this thread's V channels (image: the thread's first channel) to acc.
-template <typename scalar_t, int V>
-__device__ __forceinline__ void gather_point(const scalar_t* __restrict__ image, int C, const PointGeometry& pg,
-                                             float (&acc)[V]) {
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    if (pg.index[q] < 0) continue;
-    float f[V];
-    to_acc(load_vec<scalar_t, V>(image + pg.index[q] * C), f);
-#pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] += pg.weight[q] * f[e];
-  }
+  return point_corners<float>(pos.y, pos.x, static_cast<float>(om[2 * K + k]), H, W);
 }
 
 template <typename scalar_t, int V, int KH, int KW>
@@ -151,6 +158,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   __shared__ PointGeometry geometry[kMaxSharedPixels * K_MAX];
   const int K = p.points, C = static_cast<int>(p.channels);
   const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+  const int row = W * C;
   const int g = blockIdx.y, n = blockIdx.z;
   const int tile_y = blockIdx.x / t.tiles_x, tile_x = blockIdx.x - tile_y * t.tiles_x;
   const int pixels = t.tile_h * t.tile_w;
@@ -185,8 +193,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   for (int k = 0; k < K_MAX; ++k) {
     if (k >= K) break;
     const PointGeometry pg = mine[k];
-    nan_point |= pg.index[0] == kNanPoint;
-    gather_point<scalar_t, V>(image, C, pg, acc);
+    nan_point |= pg.inside == kNanPoint;
+    gather_point<scalar_t, V, 1>(image, C, row, V, pg, acc);
   }
   if (nan_point) {
 #pragma unroll
@@ -212,6 +220,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int yo = active ? at.yo : 0, xo = active ? at.xo : 0;
   const int K = p.points, C = static_cast<int>(p.channels);
   const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+  const int row = W * C;
   const int channel = at.g * p.group_channels + at.lane * V;
   const int out_pixel = yo * static_cast<int>(p.out_width) + xo;
   const int64_t out_image = static_cast<int64_t>(at.n) * p.out_height * p.out_width;
@@ -231,13 +240,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     for (int src = 0; src < LANES; ++src) {
       if (first + src >= K) break;
       PointGeometry pg;
+      pg.base = __shfl_sync(0xffffffffu, mine.base, src, LANES);
+      pg.inside = __shfl_sync(0xffffffffu, mine.inside, src, LANES);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        pg.index[q] = __shfl_sync(0xffffffffu, mine.index[q], src, LANES);
-        pg.weight[q] = __shfl_sync(0xffffffffu, mine.weight[q], src, LANES);
-      }
-      nan_point |= pg.index[0] == kNanPoint;
-      gather_point<scalar_t, V>(image, C, pg, acc);
+      for (int q = 0; q < 4; ++q) pg.weight[q] = __shfl_sync(0xffffffffu, mine.weight[q], src, LANES);
+      nan_point |= pg.inside == kNanPoint;
+      gather_point<scalar_t, V, 1>(image, C, row, V, pg, acc);
     }
   }
   if (nan_point) {
@@ -314,9 +322,16 @@ void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar
   constexpr int kWide = 16 / sizeof(scalar_t);
   const bool wide = pick_vector_width<scalar_t>(p.group_channels, {value, output}) == kWide;
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    // Sharing the geometry pays when at least 8 threads would recompute it (measured on an H200: 7 %
-    // faster at 8 lanes, 5-35 % slower at 2-4 lanes, where the barrier and the extra pass dominate).
+    // Sharing the geometry pays when at least 4 threads would recompute it: fp32 with 16 or 32 channels a
+    // group passes it by shuffles (split kernel; at 32 channels 3-10 % faster than through shared memory,
+    // measured on an H200), wider groups through shared memory (at 2-4 lanes that was 5-35 % slower: the
+    // barrier and the extra pass dominate).
     const int lanes = p.group_channels / kWide;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (wide && p.kernel_h == 3 && p.kernel_w == 3 && lanes == 8) {
+        return launch_forward_split<scalar_t, kWide, 8>(value, offset_mask, output, p, stream);
+      }
+    }
     if (wide && p.kernel_h == 3 && p.kernel_w == 3 && lanes >= 8 && lanes <= kThreadsPerBlock &&
         std::is_same_v<at::opmath_type<scalar_t>, float>) {
       return launch_forward_shared<scalar_t, kWide>(value, offset_mask, output, p, stream);
