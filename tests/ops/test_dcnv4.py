@@ -460,17 +460,22 @@ SORTED_CASES = {
 }
 
 
+# (dtype, channels per group): 2 lanes a pixel (fp16/bf16, 16), 4 lanes (fp16/bf16, 32; fp32, 16)
+SORTED_WIDTHS = [(torch.float16, 32), (torch.bfloat16, 32), (torch.float16, 16), (torch.bfloat16, 16),
+                 (torch.float32, 16)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('dtype,d', SORTED_WIDTHS, ids=lambda v: str(v).replace('torch.', ''))
 @pytest.mark.parametrize('name', sorted(SORTED_CASES))
-def test_cuda_sorted_value_gradient(name, dtype, rng):
-    """fp16/bf16 with 32 channels a group on maps of at least 32 x 32 take the backward that sorts each
-    tile's corners by input pixel before adding them (kernel name checked). Its gradients match the float64
-    reference, with offsets past the tile's region, stride, dilation, remove_center, offset_scale and
-    hundreds of points on one pixel, and its value gradient matches the deterministic fixed-point one; every
-    element written (allocator poisoned)."""
+def test_cuda_sorted_value_gradient(name, dtype, d, rng):
+    """16 channels a group (fp32, fp16, bf16) and 32 in fp16/bf16, on maps of at least 32 x 32, take the
+    backward that sorts each tile's corners by input pixel before adding them (kernel name checked). Its
+    gradients match the float64 reference, with offsets past the tile's region, stride, dilation,
+    remove_center, offset_scale and hundreds of points on one pixel, and its value gradient matches the
+    deterministic fixed-point one; every element written (allocator poisoned)."""
     stride, dil, scale, rc, offset_std = SORTED_CASES[name]
-    n, g, d = 2, 2, 32
+    n, g = 2, 2
     h, w = 34 * stride, 38 * stride
     value, om = make_inputs(rng, n, h, w, g, d, stride=(stride, stride), pad=(dil, dil), dil=(dil, dil),
                             remove_center=rc, offset_std=offset_std or 1.0)

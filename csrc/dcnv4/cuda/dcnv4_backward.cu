@@ -174,11 +174,57 @@ int lanes_for(int vecs) {
 // channel); then the threads of a region pixel (8 channels each) sum its corners' contributions in
 // registers and add them with one 16-byte vector atomic per 4 channels. Corners outside the region (offsets beyond the margin) are added
 // directly, as in the plain kernel. The offset and weight gradients are computed exactly as there.
+// A point's geometry as the backward needs it, computed by one lane and passed to the pixel's other
+// lanes by shuffles (ShuffledPoint has no arrays, so it stays in registers).
+struct ShuffledPoint {
+  int y0, x0;  // top-left corner
+  int flags;   // bit q: corner q inside the image; kPointUsed; kPointNan (see bilinear_corners)
+  float lx, ly, m;
+};
+constexpr int kPointUsed = 1 << 4, kPointNan = 1 << 5;
+
+// Point k of the window at `centre`, whose (pixel, group) offsets and weights start at `om`. Values as
+// bilinear_corners computes them.
+template <int KH, int KW, typename scalar_t>
+__device__ __forceinline__ ShuffledPoint shuffled_point(const DCNv4Params& p, const scalar_t* __restrict__ om,
+                                                        const WindowOrigin<float>& centre, int k, int H, int W) {
+  constexpr int kCentrePoint = (KW / 2) * KH + KH / 2;
+  const int K = p.points;
+  const int grid_point = k + (p.remove_center && k >= kCentrePoint ? 1 : 0);
+  const int i = grid_point / KH, j = grid_point - i * KH;
+  const auto pos =
+      sampling_position<KH, KW>(p, centre, i, j, static_cast<float>(om[2 * k]), static_cast<float>(om[2 * k + 1]));
+  const float x = pos.x, y = pos.y;
+  ShuffledPoint pt = {0, 0, 0, 0.f, 0.f, static_cast<float>(om[2 * K + k])};
+  if (!(y > -1.f && y < static_cast<float>(H) && x > -1.f && x < static_cast<float>(W))) {
+    if (isnan(x) || isnan(y)) pt.flags = kPointNan;
+    return pt;
+  }
+  const float fy = floorf(y), fx = floorf(x);
+  pt.y0 = static_cast<int>(fy);
+  pt.x0 = static_cast<int>(fx);
+  pt.ly = y - fy;
+  pt.lx = x - fx;
+  const bool top = pt.y0 >= 0, bottom = pt.y0 + 1 < H, left = pt.x0 >= 0, right = pt.x0 + 1 < W;
+  pt.flags = kPointUsed | (top && left) | (top && right) << 1 | (bottom && left) << 2 | (bottom && right) << 3;
+  return pt;
+}
+
+__device__ __forceinline__ ShuffledPoint shuffle_point(const ShuffledPoint& mine, int src, int lanes) {
+  ShuffledPoint pt;
+  pt.y0 = __shfl_sync(0xffffffffu, mine.y0, src, lanes);
+  pt.x0 = __shfl_sync(0xffffffffu, mine.x0, src, lanes);
+  pt.flags = __shfl_sync(0xffffffffu, mine.flags, src, lanes);
+  pt.lx = __shfl_sync(0xffffffffu, mine.lx, src, lanes);
+  pt.ly = __shfl_sync(0xffffffffu, mine.ly, src, lanes);
+  pt.m = __shfl_sync(0xffffffffu, mine.m, src, lanes);
+  return pt;
+}
+
 constexpr int kSortedTile = 8;  // tile side, in output pixels
 constexpr int kSortedPixels = kSortedTile * kSortedTile;
 constexpr int kSortedMargin = 3;  // learned offsets (before offset_scale) up to this many pixels
 constexpr int kSortedMaxCells = 1024;
-constexpr int kSortedChannels = 32;  // per group: the only width measured to gain (see try_backward_sorted)
 constexpr int kSortedEntries = kSortedPixels * 9 * 4;  // (pixel, point, corner)
 constexpr int kSortedSlotBits = 12;                    // an entry's rank in its cell: < kSortedEntries
 static_assert(kSortedEntries < (1 << kSortedSlotBits), "slot field too narrow");
@@ -244,7 +290,6 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
   const int region_y = static_cast<int>(first_centre.y) - r.extent_h;
   const int region_x = static_cast<int>(first_centre.x) - r.extent_w;
   const float scale = static_cast<float>(p.offset_scale);
-  constexpr int kCentrePoint = 4;
 
   for (int i = threadIdx.x; i <= cells; i += kThreads) cell_start[i] = 0;
   for (int vec = lane; vec < vecs; vec += LANES) {
@@ -262,38 +307,35 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
   }
   __syncthreads();
 
-  // Phase 1: the plain kernel's per-point work, with each in-region corner recorded instead of added.
+  // Phase 1: the plain kernel's per-point work, with each in-region corner recorded instead of added. The
+  // lanes of a pixel compute the geometry of different points (lane l: points l, l + LANES, ...) and pass
+  // it to each other by shuffles, instead of every lane computing all nine.
+  constexpr int kRounds = (9 + LANES - 1) / LANES;
 #pragma unroll
-  for (int i = 0; i < 3; ++i) {
+  for (int round = 0; round < kRounds; ++round) {
+    const int first = round * LANES;
+    ShuffledPoint mine = {0, 0, 0, 0.f, 0.f, 0.f};
+    if (active && first + lane < K) mine = shuffled_point<3, 3>(p, om, centre, first + lane, H, W);
 #pragma unroll
-    for (int j = 0; j < 3; ++j) {
-      const int grid_point = i * 3 + j;
-      if (p.remove_center && grid_point == kCentrePoint) continue;
-      const int k = grid_point - (p.remove_center && grid_point > kCentrePoint ? 1 : 0);
-      float x = 0, y = 0, m = 0;
-      if (active) {
-        const auto pos = sampling_position<3, 3>(p, centre, i, j, static_cast<float>(om[2 * k]),
-                                                 static_cast<float>(om[2 * k + 1]));
-        x = pos.x;
-        y = pos.y;
-        m = static_cast<float>(om[2 * K + k]);
-      }
-      const auto c = bilinear_corners<float, int>(y, x, H, W);
+    for (int src = 0; src < LANES; ++src) {
+      const int k = first + src;
+      if (first + src >= 9 || k >= K) break;
+      const ShuffledPoint pt = shuffle_point(mine, src, LANES);
+      const bool used = pt.flags & kPointUsed;
+      const float lx = pt.lx, ly = pt.ly, hx = 1.f - lx, hy = 1.f - ly;
+      const float weight[4] = {hy * hx, hy * lx, ly * hx, ly * lx};  // as bilinear_corners
       // Region cell of each corner; -1 when the corner is outside the image or the region.
       int cell[4] = {-1, -1, -1, -1};
-      if (active && c.used) {
-        const int ry = static_cast<int>(floorf(y)) - region_y, rx = static_cast<int>(floorf(x)) - region_x;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int cy = ry + (q >> 1), cx = rx + (q & 1);
-          if (c.index[q] >= 0 && cy >= 0 && cy < r.rows && cx >= 0 && cx < r.cols) cell[q] = cy * r.cols + cx;
-        }
+      for (int q = 0; q < 4; ++q) {
+        const int cy = pt.y0 - region_y + (q >> 1), cx = pt.x0 - region_x + (q & 1);
+        if ((pt.flags >> q & 1) && cy >= 0 && cy < r.rows && cx >= 0 && cx < r.cols) cell[q] = cy * r.cols + cx;
       }
       float grad_m = 0, grad_x = 0, grad_y = 0;
-      if (active && c.used) {
-        const float hx = 1.f - c.lx, hy = 1.f - c.ly;
-        const float dx_coef[4] = {-hy, hy, -c.ly, c.ly};
-        const float dy_coef[4] = {-hx, -c.lx, hx, c.lx};
+      if (used) {
+        const float dx_coef[4] = {-hy, hy, -ly, ly};
+        const float dy_coef[4] = {-hx, -lx, hx, lx};
+        const int first_corner = (pt.y0 * W + pt.x0) * C;
         for (int vec = lane; vec < vecs; vec += LANES) {
           const int ch = vec * V;
           float gv[V];
@@ -307,13 +349,13 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
           }
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            if (c.index[q] < 0) continue;
-            const int offset = c.index[q] * C + ch;
+            if (!(pt.flags >> q & 1)) continue;
+            const int offset = first_corner + (q & 1 ? C : 0) + (q & 2 ? W * C : 0) + ch;
             float f[V];
             to_acc(load_vec<scalar_t, V>(image + offset), f);
-            add_corner_terms<V>(gv, f, c.weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
+            add_corner_terms<V>(gv, f, weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
             if (cell[q] < 0) {  // outside the region: straight to global memory
-              const float w = m * c.weight[q];
+              const float w = pt.m * weight[q];
               float contribution[V];
 #pragma unroll
               for (int e = 0; e < V; ++e) contribution[e] = w * gv[e];
@@ -330,12 +372,12 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
         int key = -1;
         if (cell[q] >= 0) {
           key = (cell[q] << kSortedSlotBits) | atomicAdd(cell_start + cell[q], 1);
-          entry_weight[entry] = m * c.weight[q];
+          entry_weight[entry] = pt.m * weight[q];
         }
         entry_key[entry] = key;
       }
-      write_point_gradients(grad_m, grad_x, grad_y, LANES, active && lane == 0, !c.used && (isnan(x) || isnan(y)), m,
-                            scale, grad_offset_mask + om_offset, k, K);
+      write_point_gradients(grad_m, grad_x, grad_y, LANES, active && lane == 0, pt.flags & kPointNan, pt.m, scale,
+                            grad_offset_mask + om_offset, k, K);
     }
   }
   __syncthreads();
@@ -419,7 +461,7 @@ template <typename scalar_t, int V, int LANES>
 void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                             scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
                             const SortedRegion& r, cudaStream_t stream) {
-  static_assert(V == 8, "phase 4 sums 8 channels a thread; the grad_output tile is read as float4");
+  static_assert(V % 4 == 0, "the grad_output tile is read as float4");
   const int tiles_x = static_cast<int>((p.out_width + kSortedTile - 1) / kSortedTile);
   const int64_t tiles = tiles_x * ((p.out_height + kSortedTile - 1) / kSortedTile);
   TORCH_CHECK(tiles < (int64_t{1} << 31) && p.group < 65536, "dcnv4: output map too large");
@@ -438,28 +480,30 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   });
 }
 
-// Whether the sorted kernel runs: fp16/bf16 with 32 channels a group (16-byte vectors, 4 lanes a pixel),
-// a 3x3 kernel, a region of at most kSortedMaxCells pixels, and maps of at least four tiles a side. It
-// reads 16-byte vectors (the plain kernel reads 8 bytes so that its fp32 atomics cover whole sectors), so
-// half as many lanes recompute a pixel's geometry, and few atomics remain. Measured on an H200
-// (docs/dcnv4_op.md), forward+backward against the plain kernel: 11-15 % faster on maps from 56 x 56 up,
-// equal at 50 x 80, 4-8 % slower on maps under 32 pixels a side (per-block work that small, ragged maps
-// do not amortise). With 16 channels (2 lanes) it was within 2 % on the largest maps and up to 22 % slower
-// on smaller ones; in fp32 (4-channel vectors, as many lanes) from 0.3 % faster to 5 % slower on the large
-// maps and up to 70 % slower on small ones. Those keep the plain kernel.
+// Whether the sorted kernel runs: 16 channels a group (fp32, fp16, bf16) or 32 channels in fp16/bf16, a
+// 3x3 kernel, a region of at most kSortedMaxCells pixels, and maps of at least four tiles a side. It reads
+// 16-byte vectors (the plain kernel reads 8 bytes of fp16/bf16 so that its fp32 atomics cover whole
+// sectors), and few atomics remain. Measured on an H200 (docs/dcnv4_op.md), forward+backward against the
+// plain kernel: 6-9 % faster on maps from 56 x 56 up, where the plain kernel is bound by its atomics; on
+// maps under 32 pixels a side (per-block work that small, ragged maps do not amortise) it was slower, and
+// so was fp32 with 32 channels (8 lanes a pixel: up to 2 % slower). Those keep the plain kernel.
 template <typename scalar_t>
 bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                          scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
                          cudaStream_t stream) {
-  constexpr int kV = 8;
+  constexpr int kV = 16 / sizeof(scalar_t);
+  const int D = p.group_channels;
   const SortedRegion r = sorted_region(p);
-  if (p.kernel_h != 3 || p.kernel_w != 3 || p.group_channels != kSortedChannels ||
+  if (p.kernel_h != 3 || p.kernel_w != 3 || !(D == 16 || (D == 32 && sizeof(scalar_t) == 2)) ||
       r.rows * r.cols > kSortedMaxCells || p.out_height < 4 * kSortedTile || p.out_width < 4 * kSortedTile ||
       !vector_fits<scalar_t, kV>(p.group_channels, {value, grad_output})) {
     return false;
   }
-  launch_backward_sorted<scalar_t, kV, kSortedChannels / kV>(value, offset_mask, grad_output, grad_offset_mask,
-                                                              accumulate, p, r, stream);
+  if (D / kV == 2) {  // fp16/bf16, 16 channels
+    launch_backward_sorted<scalar_t, kV, 2>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
+  } else {  // fp16/bf16 with 32 channels, fp32 with 16
+    launch_backward_sorted<scalar_t, kV, 4>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
+  }
   return true;
 }
 
@@ -503,9 +547,7 @@ void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, c
   const bool wide = vector_fits<scalar_t, kWide>(p.group_channels, {v, go});
   if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<Accumulate, FixedPointAtomicAdd>) {
     if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
-      if constexpr (kHalf) {
-        if (try_backward_sorted<scalar_t>(v, om, go, gom, accumulate, p, stream)) return;
-      }
+      if (try_backward_sorted<scalar_t>(v, om, go, gom, accumulate, p, stream)) return;
       return launch_backward<scalar_t, kWide, 3, 3>(v, om, go, gom, accumulate, p, stream);
     }
   }
