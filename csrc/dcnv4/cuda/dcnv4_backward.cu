@@ -481,12 +481,13 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
 }
 
 // Whether the sorted kernel runs: 16 channels a group (fp32, fp16, bf16) or 32 channels in fp16/bf16, a
-// 3x3 kernel, a region of at most kSortedMaxCells pixels, and maps of at least four tiles a side. It reads
-// 16-byte vectors (the plain kernel reads 8 bytes of fp16/bf16 so that its fp32 atomics cover whole
-// sectors), and few atomics remain. Measured on an H200 (docs/dcnv4_op.md), forward+backward against the
-// plain kernel: 6-9 % faster on maps from 56 x 56 up, where the plain kernel is bound by its atomics; on
-// maps under 32 pixels a side (per-block work that small, ragged maps do not amortise) it was slower, and
-// so was fp32 with 32 channels (8 lanes a pixel: up to 2 % slower). Those keep the plain kernel.
+// 3x3 kernel, a region of at most kSortedMaxCells pixels, and maps of at least 32 (16 channels) or 28 (32
+// channels) pixels a side. It reads 16-byte vectors (the plain kernel reads 8 bytes of fp16/bf16 so that
+// its fp32 atomics cover whole sectors), and few atomics remain. Measured on an H200 (docs/dcnv4_op.md),
+// forward+backward against the plain kernel: 6-9 % faster on maps from 56 x 56 up, where the plain kernel
+// is bound by its atomics, and 5 % at 28 x 28 with 32 channels. Slower, so left to the plain kernel: 28 x 28
+// with 16 channels (7-13 %), 25 x 40 and 25 x 42 maps (5-14 %, per-block work that small, ragged maps do
+// not amortise), and fp32 with 32 channels (8 lanes a pixel: up to 2 %).
 template <typename scalar_t>
 bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                          scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
@@ -494,8 +495,10 @@ bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, con
   constexpr int kV = 16 / sizeof(scalar_t);
   const int D = p.group_channels;
   const SortedRegion r = sorted_region(p);
+  // Smallest map side that gains: 28 with 32 channels (8 atomics a corner in the plain kernel), 32 with 16.
+  const int min_side = D == 32 ? 28 : 32;
   if (p.kernel_h != 3 || p.kernel_w != 3 || !(D == 16 || (D == 32 && sizeof(scalar_t) == 2)) ||
-      r.rows * r.cols > kSortedMaxCells || p.out_height < 4 * kSortedTile || p.out_width < 4 * kSortedTile ||
+      r.rows * r.cols > kSortedMaxCells || p.out_height < min_side || p.out_width < min_side ||
       !vector_fits<scalar_t, kV>(p.group_channels, {value, grad_output})) {
     return false;
   }
