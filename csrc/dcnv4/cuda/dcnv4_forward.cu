@@ -206,9 +206,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // The 3x3 forward with LANES threads per (pixel, group): the lanes compute the geometry of different
 // points (lane l: points l, l + LANES, ...) and pass it to each other by warp shuffles, instead of every
 // lane computing all nine. The launch and the accumulation order are those of dcnv4_forward_kernel, so
-// the output is the same bit for bit. Used for fp32 with 16 channels a group (4 lanes), where the
-// forward is bound by instruction issue; measured on an H200: T224 s1 0.177 -> 0.161 ms, T det s4
-// 0.027 -> 0.023. With 2 lanes (fp16/bf16 maps too small for two vectors a thread) it was 0-6 % slower.
+// the output is the same bit for bit. Used for fp32 with 16 or 32 channels a group (4 or 8 lanes), where
+// the forward is bound by instruction issue; measured on an H200: T224 s1 0.177 -> 0.161 ms, T det s4
+// 0.027 -> 0.023; at 32 channels 3-10 % faster than the shared-memory geometry. With 2 or 4 lanes of
+// fp16/bf16 it was slower than two vectors a thread (docs/dcnv4_op.md).
 template <typename scalar_t, int V, int LANES>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_forward_split_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
@@ -315,7 +316,8 @@ bool two_vectors_fill_device(const DCNv4Params& p) {
 }
 
 // Instantiates only what is used: fp64 (for gradcheck) and channel counts that allow no 16-byte vectors
-// take the generic kernel; the others get 16-byte vectors, and 3x3 the shared-geometry kernel.
+// take the generic kernel; the others get 16-byte vectors, and 3x3 one of the kernels that share a
+// point's geometry (shuffles, shared memory) or give a thread two vectors.
 template <typename scalar_t>
 void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                       cudaStream_t stream) {
