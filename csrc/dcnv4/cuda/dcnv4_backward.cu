@@ -188,14 +188,9 @@ constexpr int kPointUsed = 1 << 4, kPointNan = 1 << 5;
 template <int KH, int KW, typename scalar_t>
 __device__ __forceinline__ ShuffledPoint shuffled_point(const DCNv4Params& p, const scalar_t* __restrict__ om,
                                                         const WindowOrigin<float>& centre, int k, int H, int W) {
-  constexpr int kCentrePoint = (KW / 2) * KH + KH / 2;
-  const int K = p.points;
-  const int grid_point = k + (p.remove_center && k >= kCentrePoint ? 1 : 0);
-  const int i = grid_point / KH, j = grid_point - i * KH;
-  const auto pos =
-      sampling_position<KH, KW>(p, centre, i, j, static_cast<float>(om[2 * k]), static_cast<float>(om[2 * k + 1]));
-  const float x = pos.x, y = pos.y;
-  ShuffledPoint pt = {0, 0, 0, 0.f, 0.f, static_cast<float>(om[2 * K + k])};
+  const SamplePoint sp = sample_point<KH, KW>(p, om, centre, k);
+  const float x = sp.x, y = sp.y;
+  ShuffledPoint pt = {0, 0, 0, 0.f, 0.f, sp.m};
   if (!(y > -1.f && y < static_cast<float>(H) && x > -1.f && x < static_cast<float>(W))) {
     if (isnan(x) || isnan(y)) pt.flags = kPointNan;
     return pt;

@@ -177,6 +177,24 @@ inline void for_each_batch_slice(int64_t images, Launch&& launch) {
   for (int64_t first = 0; first < images; first += kMaxZ) launch(first, std::min(kMaxZ, images - first));
 }
 
+// Point k (0 <= k < p.points) of a KH x KW window at `centre`, whose (pixel, group) offsets and weights
+// start at `om`: its sampling position and weight m, in fp32 (the 3x3 kernels that share a point's
+// geometry between the lanes of a pixel).
+struct SamplePoint {
+  float x, y, m;
+};
+
+template <int KH, int KW, typename scalar_t>
+__device__ __forceinline__ SamplePoint sample_point(const DCNv4Params& p, const scalar_t* __restrict__ om,
+                                                    const WindowOrigin<float>& centre, int k) {
+  constexpr int kCentrePoint = (KW / 2) * KH + KH / 2;
+  const int grid_point = k + (p.remove_center && k >= kCentrePoint ? 1 : 0);
+  const int i = grid_point / KH, j = grid_point - i * KH;
+  const auto pos =
+      sampling_position<KH, KW>(p, centre, i, j, static_cast<float>(om[2 * k]), static_cast<float>(om[2 * k + 1]));
+  return {pos.x, pos.y, static_cast<float>(om[2 * p.points + k])};
+}
+
 // Atomic add of V fp32 values at a 16-byte aligned address: vector atomics where the GPU has them
 // (sm_90), scalar atomics otherwise.
 template <int V>

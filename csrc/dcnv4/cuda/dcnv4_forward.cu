@@ -141,13 +141,8 @@ constexpr int kMaxSharedPixels = 128;  // 128 pixels x 9 points x 24 bytes = 27 
 template <int KH, int KW, typename scalar_t>
 __device__ __forceinline__ PointGeometry point_geometry(const DCNv4Params& p, const scalar_t* __restrict__ om,
                                                         const WindowOrigin<float>& centre, int k, int H, int W) {
-  constexpr int kCentrePoint = (KW / 2) * KH + KH / 2;
-  const int K = p.points;
-  const int grid_point = k + (p.remove_center && k >= kCentrePoint ? 1 : 0);
-  const int i = grid_point / KH, j = grid_point - i * KH;
-  const auto pos =
-      sampling_position<KH, KW>(p, centre, i, j, static_cast<float>(om[2 * k]), static_cast<float>(om[2 * k + 1]));
-  return point_corners<float>(pos.y, pos.x, static_cast<float>(om[2 * K + k]), H, W);
+  const SamplePoint sp = sample_point<KH, KW>(p, om, centre, k);
+  return point_corners<float>(sp.y, sp.x, sp.m, H, W);
 }
 
 template <typename scalar_t, int V, int KH, int KW>
