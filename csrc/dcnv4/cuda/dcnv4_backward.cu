@@ -164,16 +164,6 @@ int lanes_for(int vecs) {
   return lanes;
 }
 
-// The 3x3 backward with the value gradient summed per block before it reaches global memory. A block
-// takes an 8 x 8 tile of output pixels of one group. Neighbouring windows overlap, so the tile's
-// 64 x 9 x 4 corners land on a region of about 17 x 17 input pixels (the tile's windows plus a margin
-// of kSortedMargin pixels of learned offset): summing them per region pixel first cuts the global
-// atomics, which bound the plain kernel (L2 at 91 %), by the ratio of corners to region pixels (about 8x
-// at 8 x 8). Shared-memory float atomics are compare-and-swap loops on sm_90, so the block instead sorts
-// its corners by region pixel (a counting sort: one native integer shared atomic per corner, not per
-// channel); then the threads of a region pixel (8 channels each) sum its corners' contributions in
-// registers and add them with one 16-byte vector atomic per 4 channels. Corners outside the region (offsets beyond the margin) are added
-// directly, as in the plain kernel. The offset and weight gradients are computed exactly as there.
 // A point's geometry as the backward needs it, computed by one lane and passed to the pixel's other
 // lanes by shuffles (ShuffledPoint has no arrays, so it stays in registers).
 struct ShuffledPoint {
@@ -216,6 +206,16 @@ __device__ __forceinline__ ShuffledPoint shuffle_point(const ShuffledPoint& mine
   return pt;
 }
 
+// The 3x3 backward with the value gradient summed per block before it reaches global memory. A block
+// takes an 8 x 8 tile of output pixels of one group. Neighbouring windows overlap, so the tile's
+// 64 x 9 x 4 corners land on a region of about 17 x 17 input pixels (the tile's windows plus a margin
+// of kSortedMargin pixels of learned offset): summing them per region pixel first cuts the global
+// atomics, which bound the plain kernel (L2 at 91 %), by the ratio of corners to region pixels (about 8x
+// at 8 x 8). Shared-memory float atomics are compare-and-swap loops on sm_90, so the block instead sorts
+// its corners by region pixel (a counting sort: one native integer shared atomic per corner, not per
+// channel); then the threads of a region pixel (8 channels each) sum its corners' contributions in
+// registers and add them with one 16-byte vector atomic per 4 channels. Corners outside the region (offsets beyond the margin) are added
+// directly, as in the plain kernel. The offset and weight gradients are computed exactly as there.
 constexpr int kSortedTile = 8;  // tile side, in output pixels
 constexpr int kSortedPixels = kSortedTile * kSortedTile;
 constexpr int kSortedMargin = 3;  // learned offsets (before offset_scale) up to this many pixels
