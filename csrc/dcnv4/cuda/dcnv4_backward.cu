@@ -190,8 +190,7 @@ __device__ __forceinline__ ShuffledPoint shuffled_point(const DCNv4Params& p, co
   pt.x0 = static_cast<int>(fx);
   pt.ly = y - fy;
   pt.lx = x - fx;
-  const bool top = pt.y0 >= 0, bottom = pt.y0 + 1 < H, left = pt.x0 >= 0, right = pt.x0 + 1 < W;
-  pt.flags = kPointUsed | (top && left) | (top && right) << 1 | (bottom && left) << 2 | (bottom && right) << 3;
+  pt.flags = kPointUsed | corners_inside(pt.y0, pt.x0, H, W);
   return pt;
 }
 
@@ -345,7 +344,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             if (!(pt.flags >> q & 1)) continue;
-            const int offset = first_corner + (q & 1 ? C : 0) + (q & 2 ? W * C : 0) + ch;
+            const int offset = corner_offset(first_corner, q, C, W * C) + ch;
             float f[V];
             to_acc(load_vec<scalar_t, V>(image + offset), f);
             add_corner_terms<V>(gv, f, weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);

@@ -195,6 +195,20 @@ __device__ __forceinline__ SamplePoint sample_point(const DCNv4Params& p, const 
   return {pos.x, pos.y, static_cast<float>(om[2 * p.points + k])};
 }
 
+// Bit q set when bilinear corner q (top-left, top-right, bottom-left, bottom-right) of a point whose
+// top-left corner is (y0, x0) lies inside an H x W image, the rule of bilinear_corners; no bit when the
+// point is not used.
+__device__ __forceinline__ int corners_inside(int y0, int x0, int H, int W, bool used = true) {
+  const bool top = used && y0 >= 0, bottom = used && y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+  return (top && left) | (top && right) << 1 | (bottom && left) << 2 | (bottom && right) << 3;
+}
+
+// Offset of corner q given the top-left corner's (`first`), in elements: C (a pixel's channels) to the
+// right, row (an image row's) down.
+__device__ __forceinline__ int corner_offset(int first, int q, int C, int row) {
+  return first + (q & 1 ? C : 0) + (q & 2 ? row : 0);
+}
+
 // Atomic add of V fp32 values at a 16-byte aligned address: vector atomics where the GPU has them
 // (sm_90), scalar atomics otherwise.
 template <int V>

@@ -30,9 +30,8 @@ __device__ __forceinline__ PointCorners<T> point_corners(T y, T x, T m, int H, i
   const T fy = floor(y), fx = floor(x);
   const int y0 = static_cast<int>(fy), x0 = static_cast<int>(fx);
   const T ly = y - fy, lx = x - fx, hy = T(1) - ly, hx = T(1) - lx;
-  const bool top = used && y0 >= 0, bottom = used && y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
+  pc.inside = corners_inside(y0, x0, H, W, used);
   pc.base = used ? y0 * W + x0 : 0;
-  pc.inside = (top && left) | (top && right) << 1 | (bottom && left) << 2 | (bottom && right) << 3;
   if (!used && (isnan(x) || isnan(y))) pc.inside = kNanPoint;  // NaN offsets propagate instead of vanishing
   pc.weight[0] = m * (hy * hx);
   pc.weight[1] = m * (hy * lx);
@@ -50,7 +49,7 @@ __device__ __forceinline__ void gather_point(const scalar_t* __restrict__ image,
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     if (!(pc.inside >> q & 1)) continue;
-    const int offset = first + (q & 1 ? C : 0) + (q & 2 ? row : 0);
+    const int offset = corner_offset(first, q, C, row);
 #pragma unroll
     for (int u = 0; u < NV; ++u) {
       T f[V];
