@@ -54,14 +54,20 @@ __device__ __forceinline__ acc_t reduce_lanes(acc_t value, int lanes) {
   return value;
 }
 
+template <int V, typename acc_t>
+__device__ __forceinline__ acc_t dot(const acc_t (&g)[V], const acc_t (&f)[V]) {
+  acc_t s = 0;
+#pragma unroll
+  for (int e = 0; e < V; ++e) s += g[e] * f[e];
+  return s;
+}
+
 // Corner q of a point, over the thread's V channels: s_q = grad_output . value_q, and its terms of the
 // point's weight and offset gradients (the bilinear weight and derivatives times s_q).
 template <int V, typename acc_t>
 __device__ __forceinline__ void add_corner_terms(const acc_t (&g)[V], const acc_t (&f)[V], acc_t weight, acc_t dx,
                                                  acc_t dy, acc_t& grad_m, acc_t& grad_x, acc_t& grad_y) {
-  acc_t s = 0;
-#pragma unroll
-  for (int e = 0; e < V; ++e) s += g[e] * f[e];
+  const acc_t s = dot<V>(g, f);
   grad_m += weight * s;
   grad_x += dx * s;
   grad_y += dy * s;
@@ -81,6 +87,13 @@ __device__ __forceinline__ void write_point_gradients(acc_t grad_m, acc_t grad_x
     gom[2 * k + 1] = static_cast<scalar_t>(grad_y * scale * m);
     gom[2 * K + k] = static_cast<scalar_t>(grad_m);
   }
+}
+
+// The columns of a pixel's offset_mask past its groups' 3 * K values (padding) get a zero gradient; the
+// kernels write every other element, so grad_offset_mask needs no zero-fill.
+template <typename scalar_t>
+__device__ __forceinline__ void zero_offset_padding(scalar_t* gom_pixel, const DCNv4Params& p) {
+  for (int c = static_cast<int>(p.group) * 3 * p.points; c < p.om_channels; ++c) gom_pixel[c] = scalar_t(0);
 }
 
 // Per point and corner q, s_q = sum over the thread's channels of grad_output * value_q. The weight
@@ -156,6 +169,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                             m, scale, grad_offset_mask + om_offset, k, K);
     }
   }
+  if (active && at.lane == 0 && at.g == p.group - 1) {
+    zero_offset_padding(grad_offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels), p);
+  }
 }
 
 int lanes_for(int vecs) {
@@ -220,13 +236,20 @@ constexpr int kSortedPixels = kSortedTile * kSortedTile;
 constexpr int kSortedMargin = 3;  // learned offsets (before offset_scale) up to this many pixels
 constexpr int kSortedMaxCells = 1024;
 constexpr int kSortedEntries = kSortedPixels * 9 * 4;  // (pixel, point, corner)
-constexpr int kSortedSlotBits = 12;                    // an entry's rank in its cell: < kSortedEntries
+// A recorded corner's key: its cell, then its tile pixel, then its rank among the cell's entries.
+constexpr int kSortedSlotBits = 12;   // rank: < kSortedEntries
+constexpr int kSortedPixelBits = 6;   // tile pixel: < kSortedPixels
+constexpr int kSortedCellShift = kSortedSlotBits + kSortedPixelBits;
 static_assert(kSortedEntries < (1 << kSortedSlotBits), "slot field too narrow");
+static_assert(kSortedPixels <= (1 << kSortedPixelBits), "pixel field too narrow");
+static_assert(kSortedMaxCells <= (1 << (31 - kSortedCellShift)), "cell field too narrow");
+constexpr int kSortedRowShift = 20;  // cell / cols == cell * cols_magic >> 20 for cells < 1024, cols <= 1024
 
 // The region of a tile: `extent` input pixels beyond the first and last window centres of the tile,
 // plus one row and column for the bottom-right corners.
 struct SortedRegion {
   int extent_h, extent_w, rows, cols;
+  unsigned cols_magic;  // 2^20 / cols + 1: a cell's row without a division
 };
 
 inline SortedRegion sorted_region(const DCNv4Params& p) {
@@ -236,6 +259,7 @@ inline SortedRegion sorted_region(const DCNv4Params& p) {
   r.extent_w = static_cast<int>(std::ceil(scale * (p.dilation_w + kSortedMargin)));
   r.rows = (kSortedTile - 1) * p.stride_h + 2 * r.extent_h + 2;
   r.cols = (kSortedTile - 1) * p.stride_w + 2 * r.extent_w + 2;
+  r.cols_magic = (1u << kSortedRowShift) / static_cast<unsigned>(r.cols) + 1;
   return r;
 }
 
@@ -251,13 +275,15 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
                                  const FloatAtomicAdd<float> accumulate, const DCNv4Params p, const SortedRegion r,
                                  const int tiles_x) {
+  static_assert(LANES == 2 || LANES == 4, "a lane records 4 / LANES corners of a point");
   constexpr int kThreads = kSortedPixels * LANES;
-  const int D = p.group_channels, vecs = D / V, K = p.points;
+  constexpr int D = V * LANES;  // one vector a lane (try_backward_sorted)
+  const int K = p.points;
   const int cells = r.rows * r.cols, entries = kSortedPixels * K * 4;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   float* grad_tile = reinterpret_cast<float*>(shared_bytes);  // [pixel][channel]
   float* entry_weight = grad_tile + kSortedPixels * D;        // m * bilinear weight of the corner
-  int* entry_key = reinterpret_cast<int*>(entry_weight + kSortedEntries);  // cell << bits | slot, or -1
+  int* entry_key = reinterpret_cast<int*>(entry_weight + kSortedEntries);  // see kSortedCellShift, or -1
   int* cell_start = entry_key + kSortedEntries;                           // counts, then exclusive starts
   float* sorted_weight = reinterpret_cast<float*>(cell_start + cells + 1);  // the entries sorted by cell:
   short* sorted_pixel = reinterpret_cast<short*>(sorted_weight + kSortedEntries);  // weight and pixel
@@ -274,10 +300,12 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
   const int channel0 = g * D;
   const int out_pixel = yo * static_cast<int>(p.out_width) + xo;
   const int64_t out_image = static_cast<int64_t>(n) * p.out_height * p.out_width;
-  const int64_t om_offset = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) + g * 3 * K;
+  const int64_t om_pixel = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels);
+  const int64_t om_offset = om_pixel + g * 3 * K;
   const scalar_t* om = offset_mask + om_offset;
   const int64_t image_offset = static_cast<int64_t>(n) * H * W * C;
-  const scalar_t* image = value + image_offset + channel0;
+  const int64_t lane_channels = image_offset + channel0 + lane * V;  // this lane's vector of pixel (0, 0)
+  const scalar_t* lane_image = value + lane_channels;
   const scalar_t* gout = grad_output + out_image * C + out_pixel * C + channel0;
   const auto centre = window_centre<float>(p, yo, xo);
   const auto first_centre = window_centre<float>(p, tile_y * kSortedTile, tile_x * kSortedTile);
@@ -285,25 +313,25 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
   const int region_x = static_cast<int>(first_centre.x) - r.extent_w;
   const float scale = static_cast<float>(p.offset_scale);
 
-  for (int i = threadIdx.x; i <= cells; i += kThreads) cell_start[i] = 0;
-  for (int vec = lane; vec < vecs; vec += LANES) {
-    float gv[V];
-    if (active) {
-      to_acc(load_vec<scalar_t, V>(gout + vec * V), gv);
-    } else {
+  // The lane's grad_output vector: in registers for phase 1, in shared memory (the tile's) for phase 4.
+  float gv[V];
+  if (active) {
+    to_acc(load_vec<scalar_t, V>(gout + lane * V), gv);
+  } else {
 #pragma unroll
-      for (int e = 0; e < V; ++e) gv[e] = 0.f;
-    }
-#pragma unroll
-    for (int e = 0; e < V; e += 4) {
-      *reinterpret_cast<float4*>(grad_tile + local * D + vec * V + e) = make_float4(gv[e], gv[e + 1], gv[e + 2], gv[e + 3]);
-    }
+    for (int e = 0; e < V; ++e) gv[e] = 0.f;
   }
+#pragma unroll
+  for (int e = 0; e < V; e += 4) {
+    *reinterpret_cast<float4*>(grad_tile + local * D + lane * V + e) = make_float4(gv[e], gv[e + 1], gv[e + 2], gv[e + 3]);
+  }
+  for (int i = threadIdx.x; i <= cells; i += kThreads) cell_start[i] = 0;
   __syncthreads();
 
   // Phase 1: the plain kernel's per-point work, with each in-region corner recorded instead of added. The
   // lanes of a pixel compute the geometry of different points (lane l: points l, l + LANES, ...) and pass
   // it to each other by shuffles, instead of every lane computing all nine.
+  const int pixel_lane0 = (threadIdx.x % 32) & ~(LANES - 1);  // the pixel's first lane in the warp
   constexpr int kRounds = (9 + LANES - 1) / LANES;
 #pragma unroll
   for (int round = 0; round < kRounds; ++round) {
@@ -315,65 +343,62 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
       const int k = first + src;
       if (first + src >= 9 || k >= K) break;
       const ShuffledPoint pt = shuffle_point(mine, src, LANES);
-      const bool used = pt.flags & kPointUsed;
       const float lx = pt.lx, ly = pt.ly, hx = 1.f - lx, hy = 1.f - ly;
       const float weight[4] = {hy * hx, hy * lx, ly * hx, ly * lx};  // as bilinear_corners
-      // Region cell of each corner; -1 when the corner is outside the image or the region.
-      int cell[4] = {-1, -1, -1, -1};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int cy = pt.y0 - region_y + (q >> 1), cx = pt.x0 - region_x + (q & 1);
-        if ((pt.flags >> q & 1) && cy >= 0 && cy < r.rows && cx >= 0 && cx < r.cols) cell[q] = cy * r.cols + cx;
-      }
+      const float dx_coef[4] = {-hy, hy, -ly, ly};
+      const float dy_coef[4] = {-hx, -lx, hx, lx};
+      const int first_corner = (pt.y0 * W + pt.x0) * C;
+      // No branch between the four corner loads, so they are in flight together: a corner outside the
+      // image (or of an unused point) reads pixel (0, 0) and counts as zero.
       float grad_m = 0, grad_x = 0, grad_y = 0;
-      if (used) {
-        const float dx_coef[4] = {-hy, hy, -ly, ly};
-        const float dy_coef[4] = {-hx, -lx, hx, lx};
-        const int first_corner = (pt.y0 * W + pt.x0) * C;
-        for (int vec = lane; vec < vecs; vec += LANES) {
-          const int ch = vec * V;
-          float gv[V];
-#pragma unroll
-          for (int e = 0; e < V; e += 4) {
-            const float4 g4 = *reinterpret_cast<const float4*>(grad_tile + local * D + ch + e);
-            gv[e] = g4.x;
-            gv[e + 1] = g4.y;
-            gv[e + 2] = g4.z;
-            gv[e + 3] = g4.w;
-          }
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (!(pt.flags >> q & 1)) continue;
-            const int offset = corner_offset(first_corner, q, C, W * C) + ch;
-            float f[V];
-            to_acc(load_vec<scalar_t, V>(image + offset), f);
-            add_corner_terms<V>(gv, f, weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
-            if (cell[q] < 0) {  // outside the region: straight to global memory
-              const float w = pt.m * weight[q];
-              float contribution[V];
-#pragma unroll
-              for (int e = 0; e < V; ++e) contribution[e] = w * gv[e];
-              accumulate.template add<V>(image_offset + channel0 + offset, contribution);
-            }
-          }
-        }
-      }
-      // One lane per corner records it: its rank among its cell's entries, and its weight.
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        if (q % LANES != lane) continue;
+        const bool inside = pt.flags >> q & 1;
+        float f[V];
+        to_acc(load_vec<scalar_t, V>(lane_image + (inside ? corner_offset(first_corner, q, C, W * C) : 0)), f);
+        const float s = inside ? dot<V>(gv, f) : 0.f;
+        grad_m += weight[q] * s;
+        grad_x += dx_coef[q] * s;
+        grad_y += dy_coef[q] * s;
+      }
+      // Each lane records 4 / LANES of the point's corners (corner q by lane q % LANES): its key (cell,
+      // tile pixel, rank in the cell) and weight. A corner inside the image but outside the region (an
+      // offset beyond the margin) is added to global memory directly, by every lane for its channels.
+      unsigned spilled = 0;  // bit q: corner q goes straight to global memory
+#pragma unroll
+      for (int j = 0; j < 4 / LANES; ++j) {
+        const int q = lane + j * LANES;
+        const int cy = pt.y0 - region_y + (q >> 1), cx = pt.x0 - region_x + (q & 1);
+        const bool inside = pt.flags >> q & 1;
+        const bool in_region = static_cast<unsigned>(cy) < static_cast<unsigned>(r.rows) &&
+                               static_cast<unsigned>(cx) < static_cast<unsigned>(r.cols);
         const int entry = (local * K + k) * 4 + q;
         int key = -1;
-        if (cell[q] >= 0) {
-          key = (cell[q] << kSortedSlotBits) | atomicAdd(cell_start + cell[q], 1);
-          entry_weight[entry] = pt.m * weight[q];
+        if (inside && in_region) {
+          const int cell = cy * r.cols + cx;
+          key = cell << kSortedCellShift | local << kSortedSlotBits | atomicAdd(cell_start + cell, 1);
+          entry_weight[entry] = pt.m * ((q & 2 ? ly : hy) * (q & 1 ? lx : hx));  // weight[q]
         }
         entry_key[entry] = key;
+        const unsigned outside = __ballot_sync(0xffffffffu, inside && !in_region);
+        spilled |= (outside >> pixel_lane0 & ((1u << LANES) - 1)) << (j * LANES);
+      }
+      if (spilled != 0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          if (!(spilled >> q & 1)) continue;
+          const float w = pt.m * weight[q];
+          float contribution[V];
+#pragma unroll
+          for (int e = 0; e < V; ++e) contribution[e] = w * gv[e];
+          accumulate.template add<V>(lane_channels + corner_offset(first_corner, q, C, W * C), contribution);
+        }
       }
       write_point_gradients(grad_m, grad_x, grad_y, LANES, active && lane == 0, pt.flags & kPointNan, pt.m, scale,
                             grad_offset_mask + om_offset, k, K);
     }
   }
+  if (active && lane == 0 && g == p.group - 1) zero_offset_padding(grad_offset_mask + om_pixel, p);
   __syncthreads();
 
   // Phase 2: exclusive scan of the per-cell counts: a run of cells per thread, then warp and block offsets.
@@ -412,22 +437,21 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
   __syncthreads();
 
   // Phase 3: each recorded entry goes to its place in its cell's run.
-  const int entries_per_pixel = K * 4;
   for (int e = threadIdx.x; e < entries; e += kThreads) {
     const int key = entry_key[e];
     if (key >= 0) {
-      const int place = cell_start[key >> kSortedSlotBits] + (key & ((1 << kSortedSlotBits) - 1));
+      const int place = cell_start[key >> kSortedCellShift] + (key & ((1 << kSortedSlotBits) - 1));
       sorted_weight[place] = entry_weight[e];
-      sorted_pixel[place] = static_cast<short>(e / entries_per_pixel);
+      sorted_pixel[place] = static_cast<short>(key >> kSortedSlotBits & ((1 << kSortedPixelBits) - 1));
     }
   }
   __syncthreads();
 
   // Phase 4: per cell, threads of 8 channels each sum its entries' grad_output (from the tile in shared
   // memory) and add the sum to the value gradient once.
-  const int chunks = D / 8;
-  for (int item = threadIdx.x; item < cells * chunks; item += kThreads) {
-    const int cell = item / chunks, ch = (item - cell * chunks) * 8;
+  constexpr int kChunks = D / 8;
+  for (int item = threadIdx.x; item < cells * kChunks; item += kThreads) {
+    const int cell = item / kChunks, ch = (item % kChunks) * 8;
     const int begin = cell_start[cell], end = cell_start[cell + 1];
     if (begin == end) continue;
     float acc[8];
@@ -446,7 +470,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
         acc[e + 3] += wgt * gv.w;
       }
     }
-    const int h = region_y + cell / r.cols, w = region_x + cell % r.cols;
+    const int row = static_cast<int>(static_cast<unsigned>(cell) * r.cols_magic >> kSortedRowShift);
+    const int h = region_y + row, w = region_x + cell - row * r.cols;
     accumulate.template add<8>(image_offset + (static_cast<int64_t>(h) * W + w) * C + channel0 + ch, acc);
   }
 }
@@ -496,6 +521,7 @@ bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, con
       !vector_fits<scalar_t, kV>(p.group_channels, {value, grad_output})) {
     return false;
   }
+  TORCH_INTERNAL_ASSERT(D / kV == 2 || D / kV == 4, "dcnv4: the sorted backward takes one vector a lane");
   if (D / kV == 2) {  // fp16/bf16, 16 channels
     launch_backward_sorted<scalar_t, kV, 2>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
   } else {  // fp16/bf16 with 32 channels, fp32 with 16
@@ -616,9 +642,9 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(
   const at::Tensor offset_mask = offset_mask_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous().to(value.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // Zeros: the padded tail of offset_mask gets zero gradient.
-  at::Tensor grad_offset_mask = cuda_buffers::zeros(offset_mask.sizes(), offset_mask.options(), stream);
-  if (grad_output.numel() == 0 || value.numel() == 0) return {at::zeros_like(value), grad_offset_mask};
+  if (grad_output.numel() == 0 || value.numel() == 0) return {at::zeros_like(value), at::zeros_like(offset_mask)};
+  // Every element is written by the kernels, the padded tail of each pixel with zeros (zero_offset_padding).
+  at::Tensor grad_offset_mask = at::empty_like(offset_mask);
 
   at::Tensor grad_value;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "dcnv4_backward_cuda", [&] {
