@@ -450,33 +450,35 @@ def test_cuda_value_gradient_piled_up_points(d, dtype, rng):
     assert rel_err(got[0], scattered) < tolerance
 
 
-# (stride, dilation, offset_scale, remove_center, offset_std); offset_std None: piled_up_offsets
+# (stride, dilation, offset_scale, remove_center, offset_std, output map); offset_std None: piled_up_offsets
 SORTED_CASES = {
-    'base': (1, 1, 1.0, False, 1.5),
-    'offsets_past_the_region': (1, 1, 1.0, False, 6.0),
-    'stride_2': (2, 1, 1.0, False, 1.5),
-    'dilation_2_remove_center_scale_0.5': (1, 2, 0.5, True, 1.5),
-    'piled_up': (1, 1, 1.0, False, None),
+    'base': (1, 1, 1.0, False, 1.5, (34, 38)),
+    'offsets_past_the_region': (1, 1, 1.0, False, 6.0, (34, 38)),
+    'stride_2': (2, 1, 1.0, False, 1.5, (34, 38)),
+    'dilation_2_remove_center_scale_0.5': (1, 2, 0.5, True, 1.5, (34, 38)),
+    'piled_up': (1, 1, 1.0, False, None, (34, 38)),
+    'small_ragged_map': (1, 1, 1.0, False, 1.5, (7, 11)),
 }
 
 
-# (dtype, channels per group): 2 lanes a pixel (fp16/bf16, 16), 4 lanes (fp16/bf16, 32; fp32, 16)
+# (dtype, channels per group): 2 lanes a pixel (fp16/bf16, 16), 4 lanes (fp16/bf16, 32; fp32, 16), 8 lanes
+# (fp32, 32)
 SORTED_WIDTHS = [(torch.float16, 32), (torch.bfloat16, 32), (torch.float16, 16), (torch.bfloat16, 16),
-                 (torch.float32, 16)]
+                 (torch.float32, 16), (torch.float32, 32)]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize('dtype,d', SORTED_WIDTHS, ids=lambda v: str(v).replace('torch.', ''))
 @pytest.mark.parametrize('name', sorted(SORTED_CASES))
 def test_cuda_sorted_value_gradient(name, dtype, d, rng):
-    """16 channels a group (fp32, fp16, bf16) and 32 in fp16/bf16, on maps of at least 32 x 32, take the
-    backward that sorts each tile's corners by input pixel before adding them (kernel name checked). Its
-    gradients match the float64 reference, with offsets past the tile's region, stride, dilation,
-    remove_center, offset_scale and hundreds of points on one pixel, and its value gradient matches the
-    deterministic fixed-point one; every element written (allocator poisoned)."""
-    stride, dil, scale, rc, offset_std = SORTED_CASES[name]
+    """16 and 32 channels a group with a 3x3 kernel take the backward that sorts each tile's corners by
+    input pixel before adding them (kernel name checked). Its gradients match the float64 reference, with
+    offsets past the tile's region, stride, dilation, remove_center, offset_scale, hundreds of points on
+    one pixel and a map smaller than a tile, and its value gradient matches the deterministic fixed-point
+    one; every element written (allocator poisoned)."""
+    stride, dil, scale, rc, offset_std, (ho, wo) = SORTED_CASES[name]
     n, g = 2, 2
-    h, w = 34 * stride, 38 * stride
+    h, w = ho * stride, wo * stride
     value, om = make_inputs(rng, n, h, w, g, d, stride=(stride, stride), pad=(dil, dil), dil=(dil, dil),
                             remove_center=rc, offset_std=offset_std or 1.0)
     if offset_std is None:
@@ -490,7 +492,7 @@ def test_cuda_sorted_value_gradient(name, dtype, d, rng):
     # The reference sees the inputs rounded to dtype (the offset gradient jumps at pixel edges).
     value64, om64 = value.to(dtype).double().requires_grad_(), om.to(dtype).double().requires_grad_()
     ref_out = dcnv4_reference(value64, om64, *args)
-    assert min(ref_out.shape[1:3]) >= 32
+    assert ref_out.shape[1:3] == (ho, wo)
     grad = torch.randn(ref_out.shape, generator=rng, dtype=torch.float64).to(dtype).double()
     want = [t.cuda() for t in torch.autograd.grad(ref_out, (value64, om64), grad)]
     value = value64.detach().cuda().to(dtype).requires_grad_()

@@ -6,9 +6,12 @@
 // channels; a butterfly of warp shuffles reduces them over the T lanes and lane 0 writes them, so those
 // gradients need no atomics and are deterministic.
 //
-// The value gradient is a scatter (many output points hit one input pixel). By default each lane adds
-// its contributions with fp32 atomics, 16 bytes at a time on sm_90 (into the gradient itself for
-// fp32/fp64, into an fp32 buffer rounded once at the end for fp16/bf16). With torch.use_deterministic_algorithms(True), contributions
+// The value gradient is a scatter (many output points hit one input pixel). In the plain kernel each
+// lane adds its contributions with fp32 atomics, 16 bytes at a time on sm_90 (into the gradient itself
+// for fp32/fp64, into an fp32 buffer rounded once at the end for fp16/bf16). 3x3 kernels with 16 or 32
+// channels a group (the FlashInternImage and paper shapes) take the sorted kernel instead, which first
+// sums a tile's contributions per input pixel in shared memory (see dcnv4_backward_sorted_kernel). With
+// torch.use_deterministic_algorithms(True), contributions
 // are instead rounded to 64-bit fixed point and added with integer atomics, which are associative, so
 // the result does not depend on the order of the additions. The fixed-point scale is a power of two
 // chosen on the device from max|grad_output| * max|weight| * (Ho * Wo * K) (a bound on any partial sum),
@@ -229,8 +232,9 @@ __device__ __forceinline__ ShuffledPoint shuffle_point(const ShuffledPoint& mine
 // at 8 x 8). Shared-memory float atomics are compare-and-swap loops on sm_90, so the block instead sorts
 // its corners by region pixel (a counting sort: one native integer shared atomic per corner, not per
 // channel); then the threads of a region pixel (8 channels each) sum its corners' contributions in
-// registers and add them with one 16-byte vector atomic per 4 channels. Corners outside the region (offsets beyond the margin) are added
-// directly, as in the plain kernel. The offset and weight gradients are computed exactly as there.
+// registers and add them with one 16-byte vector atomic per 4 channels. Corners outside the region
+// (offsets beyond the margin) are added directly, as in the plain kernel. The offset and weight
+// gradients are computed as there, with one 16-byte vector a lane (2, 4 or 8 lanes a pixel).
 constexpr int kSortedTile = 8;  // tile side, in output pixels
 constexpr int kSortedPixels = kSortedTile * kSortedTile;
 constexpr int kSortedMargin = 3;  // learned offsets (before offset_scale) up to this many pixels
@@ -263,9 +267,13 @@ inline SortedRegion sorted_region(const DCNv4Params& p) {
   return r;
 }
 
+// A row of the grad_output tile in shared memory: the group's channels and 4 floats of padding, so that
+// rows start on different banks (phase 4 reads the rows of random tile pixels, 16 bytes a thread).
+constexpr int sorted_tile_row(int group_channels) { return group_channels + 4; }
+
 inline size_t sorted_shared_bytes(const DCNv4Params& p, const SortedRegion& r) {
-  return sizeof(float) * kSortedPixels * p.group_channels  // the tile's grad_output, fp32
-         + (2 * sizeof(float) + sizeof(int) + sizeof(short)) * kSortedEntries  // weight, key; sorted weight, pixel
+  return sizeof(float) * kSortedPixels * sorted_tile_row(p.group_channels)  // the tile's grad_output, fp32
+         + (2 * sizeof(float) + sizeof(int) + sizeof(short)) * kSortedEntries  // weight, key; sorted weight, row
          + sizeof(int) * (r.rows * r.cols + 1);                            // per-cell counts, then starts
 }
 
@@ -275,18 +283,20 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
                                  const FloatAtomicAdd<float> accumulate, const DCNv4Params p, const SortedRegion r,
                                  const int tiles_x) {
-  static_assert(LANES == 2 || LANES == 4, "a lane records 4 / LANES corners of a point");
+  static_assert(LANES == 2 || LANES == 4 || LANES == 8, "lane q records corner q of a point (q mod LANES)");
   constexpr int kThreads = kSortedPixels * LANES;
   constexpr int D = V * LANES;  // one vector a lane (try_backward_sorted)
+  constexpr int kRow = sorted_tile_row(D);
+  static_assert(kSortedPixels * kRow <= 32767, "tile rows are recorded as short");
   const int K = p.points;
   const int cells = r.rows * r.cols, entries = kSortedPixels * K * 4;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  float* grad_tile = reinterpret_cast<float*>(shared_bytes);  // [pixel][channel]
-  float* entry_weight = grad_tile + kSortedPixels * D;        // m * bilinear weight of the corner
+  float* grad_tile = reinterpret_cast<float*>(shared_bytes);  // [pixel][kRow]
+  float* entry_weight = grad_tile + kSortedPixels * kRow;     // m * bilinear weight of the corner
   int* entry_key = reinterpret_cast<int*>(entry_weight + kSortedEntries);  // see kSortedCellShift, or -1
   int* cell_start = entry_key + kSortedEntries;                           // counts, then exclusive starts
   float* sorted_weight = reinterpret_cast<float*>(cell_start + cells + 1);  // the entries sorted by cell:
-  short* sorted_pixel = reinterpret_cast<short*>(sorted_weight + kSortedEntries);  // weight and pixel
+  short* sorted_row = reinterpret_cast<short*>(sorted_weight + kSortedEntries);  // weight and tile row (floats)
 
   const int lane = threadIdx.x % LANES, local = threadIdx.x / LANES;
   const int tile_y = blockIdx.x / tiles_x, tile_x = blockIdx.x - tile_y * tiles_x;
@@ -323,7 +333,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
   }
 #pragma unroll
   for (int e = 0; e < V; e += 4) {
-    *reinterpret_cast<float4*>(grad_tile + local * D + lane * V + e) = make_float4(gv[e], gv[e + 1], gv[e + 2], gv[e + 3]);
+    *reinterpret_cast<float4*>(grad_tile + local * kRow + lane * V + e) =
+        make_float4(gv[e], gv[e + 1], gv[e + 2], gv[e + 3]);
   }
   for (int i = threadIdx.x; i <= cells; i += kThreads) cell_start[i] = 0;
   __syncthreads();
@@ -361,15 +372,16 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
         grad_x += dx_coef[q] * s;
         grad_y += dy_coef[q] * s;
       }
-      // Each lane records 4 / LANES of the point's corners (corner q by lane q % LANES): its key (cell,
-      // tile pixel, rank in the cell) and weight. A corner inside the image but outside the region (an
-      // offset beyond the margin) is added to global memory directly, by every lane for its channels.
+      // Lane q % LANES records corner q of the point: its key (cell, tile pixel, rank in the cell) and
+      // weight. A corner inside the image but outside the region (an offset beyond the margin) is added
+      // to global memory directly, by every lane for its channels.
+      constexpr int kRecorders = LANES < 4 ? LANES : 4;
       unsigned spilled = 0;  // bit q: corner q goes straight to global memory
 #pragma unroll
-      for (int j = 0; j < 4 / LANES; ++j) {
-        const int q = lane + j * LANES;
+      for (int j = 0; j < 4 / kRecorders; ++j) {
+        const int q = lane + j * LANES;  // >= 4: nothing to record (lanes 4-7 of 8)
         const int cy = pt.y0 - region_y + (q >> 1), cx = pt.x0 - region_x + (q & 1);
-        const bool inside = pt.flags >> q & 1;
+        const bool inside = q < 4 && (pt.flags >> q & 1);
         const bool in_region = static_cast<unsigned>(cy) < static_cast<unsigned>(r.rows) &&
                                static_cast<unsigned>(cx) < static_cast<unsigned>(r.cols);
         const int entry = (local * K + k) * 4 + q;
@@ -379,9 +391,9 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
           key = cell << kSortedCellShift | local << kSortedSlotBits | atomicAdd(cell_start + cell, 1);
           entry_weight[entry] = pt.m * ((q & 2 ? ly : hy) * (q & 1 ? lx : hx));  // weight[q]
         }
-        entry_key[entry] = key;
+        if (q < 4) entry_key[entry] = key;
         const unsigned outside = __ballot_sync(0xffffffffu, inside && !in_region);
-        spilled |= (outside >> pixel_lane0 & ((1u << LANES) - 1)) << (j * LANES);
+        spilled |= (outside >> pixel_lane0 & ((1u << kRecorders) - 1)) << (j * LANES);
       }
       if (spilled != 0) {
 #pragma unroll
@@ -442,7 +454,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
     if (key >= 0) {
       const int place = cell_start[key >> kSortedCellShift] + (key & ((1 << kSortedSlotBits) - 1));
       sorted_weight[place] = entry_weight[e];
-      sorted_pixel[place] = static_cast<short>(key >> kSortedSlotBits & ((1 << kSortedPixelBits) - 1));
+      sorted_row[place] = static_cast<short>((key >> kSortedSlotBits & ((1 << kSortedPixelBits) - 1)) * kRow);
     }
   }
   __syncthreads();
@@ -460,7 +472,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
 #pragma unroll 4
     for (int i = begin; i < end; ++i) {
       const float wgt = sorted_weight[i];
-      const float* row = grad_tile + sorted_pixel[i] * D + ch;
+      const float* row = grad_tile + sorted_row[i] + ch;
 #pragma unroll
       for (int e = 0; e < 8; e += 4) {
         const float4 gv = *reinterpret_cast<const float4*>(row + e);
@@ -499,14 +511,11 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   });
 }
 
-// Whether the sorted kernel runs: 16 channels a group (fp32, fp16, bf16) or 32 channels in fp16/bf16, a
-// 3x3 kernel, a region of at most kSortedMaxCells pixels, and maps of at least 32 (16 channels) or 28 (32
-// channels) pixels a side. It reads 16-byte vectors (the plain kernel reads 8 bytes of fp16/bf16 so that
-// its fp32 atomics cover whole sectors), and few atomics remain. Measured on an H200 (docs/dcnv4_op.md),
-// forward+backward against the plain kernel: 6-9 % faster on maps from 56 x 56 up, where the plain kernel
-// is bound by its atomics, and 5 % at 28 x 28 with 32 channels. Slower, so left to the plain kernel: 28 x 28
-// with 16 channels (7-13 %), 25 x 40 and 25 x 42 maps (5-14 %, per-block work that small, ragged maps do
-// not amortise), and fp32 with 32 channels (8 lanes a pixel: up to 2 %).
+// Whether the sorted kernel runs: 16 or 32 channels a group (one 16-byte vector a lane: 2, 4 or 8 lanes), a
+// 3x3 kernel and a region of at most kSortedMaxCells pixels; then it is faster than the plain kernel on
+// every benchmark map (docs/dcnv4_op.md, H200: backward kernel 2-36 % faster on maps of 7 x 7 to
+// 200 x 336), since it sums most corners in shared memory instead of by global atomics. It reads 16-byte
+// vectors (the plain kernel reads 8 bytes of fp16/bf16, so that its fp32 atomics cover whole sectors).
 template <typename scalar_t>
 bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                          scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
@@ -514,18 +523,17 @@ bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, con
   constexpr int kV = 16 / sizeof(scalar_t);
   const int D = p.group_channels;
   const SortedRegion r = sorted_region(p);
-  // Smallest map side that gains: 28 with 32 channels (8 atomics a corner in the plain kernel), 32 with 16.
-  const int min_side = D == 32 ? 28 : 32;
-  if (p.kernel_h != 3 || p.kernel_w != 3 || !(D == 16 || (D == 32 && sizeof(scalar_t) == 2)) ||
-      r.rows * r.cols > kSortedMaxCells || p.out_height < min_side || p.out_width < min_side ||
+  if (p.kernel_h != 3 || p.kernel_w != 3 || !(D == 16 || D == 32) || r.rows * r.cols > kSortedMaxCells ||
       !vector_fits<scalar_t, kV>(p.group_channels, {value, grad_output})) {
     return false;
   }
-  TORCH_INTERNAL_ASSERT(D / kV == 2 || D / kV == 4, "dcnv4: the sorted backward takes one vector a lane");
+  TORCH_INTERNAL_ASSERT(D / kV == 2 || D / kV == 4 || D / kV == 8, "dcnv4: the sorted backward takes one vector a lane");
   if (D / kV == 2) {  // fp16/bf16, 16 channels
     launch_backward_sorted<scalar_t, kV, 2>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
-  } else {  // fp16/bf16 with 32 channels, fp32 with 16
+  } else if (D / kV == 4) {  // fp16/bf16 with 32 channels, fp32 with 16
     launch_backward_sorted<scalar_t, kV, 4>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
+  } else {  // fp32 with 32 channels
+    launch_backward_sorted<scalar_t, kV, 8>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
   }
   return true;
 }
