@@ -65,12 +65,11 @@ __device__ __forceinline__ acc_t dot(const acc_t (&g)[V], const acc_t (&f)[V]) {
   return s;
 }
 
-// Corner q of a point, over the thread's V channels: s_q = grad_output . value_q, and its terms of the
+// Corner q of a point: given s_q = grad_output . value_q over the thread's channels, its terms of the
 // point's weight and offset gradients (the bilinear weight and derivatives times s_q).
-template <int V, typename acc_t>
-__device__ __forceinline__ void add_corner_terms(const acc_t (&g)[V], const acc_t (&f)[V], acc_t weight, acc_t dx,
-                                                 acc_t dy, acc_t& grad_m, acc_t& grad_x, acc_t& grad_y) {
-  const acc_t s = dot<V>(g, f);
+template <typename acc_t>
+__device__ __forceinline__ void add_corner_terms(acc_t s, acc_t weight, acc_t dx, acc_t dy, acc_t& grad_m,
+                                                 acc_t& grad_x, acc_t& grad_y) {
   grad_m += weight * s;
   grad_x += dx * s;
   grad_y += dy * s;
@@ -90,6 +89,16 @@ __device__ __forceinline__ void write_point_gradients(acc_t grad_m, acc_t grad_x
     gom[2 * k + 1] = static_cast<scalar_t>(grad_y * scale * m);
     gom[2 * K + k] = static_cast<scalar_t>(grad_m);
   }
+}
+
+// Corner q's share of the value gradient over the thread's V channels: w * grad_output, added at `index`.
+template <int V, typename acc_t, typename Accumulate>
+__device__ __forceinline__ void add_value_gradient(const Accumulate& accumulate, int64_t index, acc_t w,
+                                                   const acc_t (&g)[V]) {
+  acc_t contribution[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) contribution[e] = w * g[e];
+  accumulate.template add<V>(index, contribution);
 }
 
 // The columns of a pixel's offset_mask past its groups' 3 * K values (padding) get a zero gradient; the
@@ -119,7 +128,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int channel0 = at.g * p.group_channels;
   const int out_pixel = yo * static_cast<int>(p.out_width) + xo;
   const int64_t out_image = static_cast<int64_t>(at.n) * p.out_height * p.out_width;
-  const int64_t om_offset = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) + at.g * 3 * K;
+  const int64_t om_pixel = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels);
+  const int64_t om_offset = om_pixel + at.g * 3 * K;
   const scalar_t* om = offset_mask + om_offset;
   const int64_t image_offset = static_cast<int64_t>(at.n) * H * W * C;
   const scalar_t* image = value + image_offset + channel0;
@@ -159,12 +169,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
             const int offset = c.index[q] * C + ch;
             acc_t f[V];
             to_acc(load_vec<scalar_t, V>(image + offset), f);
-            add_corner_terms<V>(g, f, c.weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
-            const acc_t w = m * c.weight[q];
-            acc_t contribution[V];
-#pragma unroll
-            for (int e = 0; e < V; ++e) contribution[e] = w * g[e];
-            accumulate.template add<V>(image_offset + channel0 + offset, contribution);
+            add_corner_terms(dot<V>(g, f), c.weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
+            add_value_gradient<V>(accumulate, image_offset + channel0 + offset, m * c.weight[q], g);
           }
         }
       }
@@ -172,9 +178,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                             m, scale, grad_offset_mask + om_offset, k, K);
     }
   }
-  if (active && at.lane == 0 && at.g == p.group - 1) {
-    zero_offset_padding(grad_offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels), p);
-  }
+  if (active && at.lane == 0 && at.g == p.group - 1) zero_offset_padding(grad_offset_mask + om_pixel, p);
 }
 
 int lanes_for(int vecs) {
@@ -367,10 +371,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
         const bool inside = pt.flags >> q & 1;
         float f[V];
         to_acc(load_vec<scalar_t, V>(lane_image + (inside ? corner_offset(first_corner, q, C, W * C) : 0)), f);
-        const float s = inside ? dot<V>(gv, f) : 0.f;
-        grad_m += weight[q] * s;
-        grad_x += dx_coef[q] * s;
-        grad_y += dy_coef[q] * s;
+        add_corner_terms(inside ? dot<V>(gv, f) : 0.f, weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
       }
       // Lane q % LANES records corner q of the point: its key (cell, tile pixel, rank in the cell) and
       // weight. A corner inside the image but outside the region (an offset beyond the margin) is added
@@ -399,11 +400,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           if (!(spilled >> q & 1)) continue;
-          const float w = pt.m * weight[q];
-          float contribution[V];
-#pragma unroll
-          for (int e = 0; e < V; ++e) contribution[e] = w * gv[e];
-          accumulate.template add<V>(lane_channels + corner_offset(first_corner, q, C, W * C), contribution);
+          add_value_gradient<V>(accumulate, lane_channels + corner_offset(first_corner, q, C, W * C), pt.m * weight[q], gv);
         }
       }
       write_point_gradients(grad_m, grad_x, grad_y, LANES, active && lane == 0, pt.flags & kPointNan, pt.m, scale,
