@@ -60,9 +60,42 @@ __device__ __forceinline__ void gather_point(const scalar_t* __restrict__ image,
   }
 }
 
+// Zeros for the corners outside the image in gather_point_together: they read these instead of the image,
+// so their loads need no branch (and a NaN or Inf in the image cannot leak in through a zero weight).
+__device__ __align__(16) const unsigned char kZeroCorner[64] = {};
+
+// gather_point with the point's 4 x NV loads issued together, before any of them is used: with a branch
+// before each corner (gather_point) they wait one at a time (ncu, fp16 T224 s2: 60 % of the stall samples
+// on long-scoreboard waits). A corner outside the image reads kZeroCorner, so its vectors (step = V) must
+// fit there. Same sum in the same order as gather_point, so the output is the same bit for bit.
+template <typename scalar_t, int V, int NV, typename T>
+__device__ __forceinline__ void gather_point_together(const scalar_t* __restrict__ image, int C, int row, int step,
+                                                      const PointCorners<T>& pc, T (&acc)[V * NV]) {
+  static_assert(sizeof(scalar_t) * V * NV <= sizeof(kZeroCorner), "kZeroCorner is too small");
+  const int first = pc.base * C;
+  const scalar_t* zeros = reinterpret_cast<const scalar_t*>(kZeroCorner);
+  Vec<scalar_t, V> loaded[4][NV];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const scalar_t* corner = (pc.inside >> q & 1) ? image + corner_offset(first, q, C, row) : zeros;
+#pragma unroll
+    for (int u = 0; u < NV; ++u) loaded[q][u] = load_vec<scalar_t, V>(corner + u * step);
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int u = 0; u < NV; ++u) {
+      T f[V];
+      to_acc(loaded[q][u], f);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+    }
+  }
+}
+
 // KH and KW > 0 fix the kernel size at compile time (the common 3x3), so the point loop unrolls and the
-// loads of several points can be in flight together; 0 reads it from p.
-template <typename scalar_t, int V, int KH, int KW, int NV>
+// loads of several points can be in flight together; 0 reads it from p. kTogether: gather_point_together.
+template <typename scalar_t, int V, int KH, int KW, int NV, bool kTogether = false>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                          scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t,
@@ -98,7 +131,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           sampling_position<KH, KW>(p, centre, i, j, static_cast<acc_t>(om[2 * k]), static_cast<acc_t>(om[2 * k + 1]));
       const auto pc = point_corners<acc_t>(pos.y, pos.x, static_cast<acc_t>(om[2 * K + k]), H, W);
       nan_point |= pc.inside == kNanPoint;
-      gather_point<scalar_t, V, NV>(image, C, row, V, pc, acc);
+      if constexpr (kTogether) {
+        gather_point_together<scalar_t, V, NV>(image, C, row, V, pc, acc);
+      } else {
+        gather_point<scalar_t, V, NV>(image, C, row, V, pc, acc);
+      }
     }
   }
   if (nan_point) {
@@ -111,7 +148,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-template <typename scalar_t, int V, int KH, int KW, int NV = 1>
+template <typename scalar_t, int V, int KH, int KW, int NV = 1, bool kTogether = false>
 void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                     cudaStream_t stream) {
   const int vecs = p.group_channels / (V * NV);  // per thread: NV vectors of V channels
@@ -121,7 +158,7 @@ void launch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     const dim3 grid = tile_grid(t, p, count);
-    dcnv4_forward_kernel<scalar_t, V, KH, KW, NV><<<grid, t.threads, 0, stream>>>(
+    dcnv4_forward_kernel<scalar_t, V, KH, KW, NV, kTogether><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         output + first * out_image * p.channels, p, t, vecs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -204,7 +241,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // the forward is bound by instruction issue; measured on an H200: T224 s1 0.177 -> 0.161 ms, T det s4
 // 0.027 -> 0.023; at 32 channels 3-10 % faster than the shared-memory geometry. With 2 or 4 lanes of
 // fp16/bf16 it was slower than two vectors a thread (docs/dcnv4_op.md).
-template <typename scalar_t, int V, int LANES>
+template <typename scalar_t, int V, int LANES, bool kTogether = false>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_forward_split_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t) {
@@ -240,7 +277,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #pragma unroll
       for (int q = 0; q < 4; ++q) pg.weight[q] = __shfl_sync(0xffffffffu, mine.weight[q], src, LANES);
       nan_point |= pg.inside == kNanPoint;
-      gather_point<scalar_t, V, 1>(image, C, row, V, pg, acc);
+      if constexpr (kTogether) {
+        gather_point_together<scalar_t, V, 1>(image, C, row, V, pg, acc);
+      } else {
+        gather_point<scalar_t, V, 1>(image, C, row, V, pg, acc);
+      }
     }
   }
   if (nan_point) {
@@ -250,14 +291,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   if (active) store_from_acc<scalar_t, V>(output + out_image * C + out_pixel * C + channel, acc);
 }
 
-template <typename scalar_t, int V, int LANES>
+template <typename scalar_t, int V, int LANES, bool kTogether = false>
 void launch_forward_split(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output,
                           const DCNv4Params& p, cudaStream_t stream) {
   const TileShape t = make_tile_shape(p, LANES, 1, group_span_for(p, LANES, 1));
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     const dim3 grid = tile_grid(t, p, count);
-    dcnv4_forward_split_kernel<scalar_t, V, LANES><<<grid, t.threads, 0, stream>>>(
+    dcnv4_forward_split_kernel<scalar_t, V, LANES, kTogether><<<grid, t.threads, 0, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         output + first * out_image * p.channels, p, t);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -288,10 +329,11 @@ void launch_forward_shared(const scalar_t* value, const scalar_t* offset_mask, s
 // Two 16-byte vectors per thread (fp16/bf16, 16 or 32 channels per group: 1 or 2 threads per (pixel, group)
 // instead of 2 or 4). The forward is bound by instruction issue (docs/dcnv4_op.md), and every thread of a
 // (pixel, group) issues the same point geometry; with two vectors a thread issues it for twice the
-// channels. It costs registers (about 60 instead of 40, so half the SM's threads instead of three
-// quarters), so it is taken only when the problem still fills at least two waves of the device. Measured
-// on an H200: T224 s1 fp16 0.119 -> 0.107 ms, 64x56x56x128 fp16 0.227 -> 0.183; FlashInternImage-L
-// stage 4 (2x25x42, 80 groups, 1.2 waves) got slower, 0.037 -> 0.044; fp32 got slower at 16 channels.
+// channels. It costs registers (64 instead of 48 at fp16, 80 at bf16, so half the SM's threads or less
+// instead of three quarters), so it is taken only when the problem still fills at least two waves of the
+// device (of the kernel that runs). Measured on an H200: T224 s1 fp16 0.119 -> 0.107 ms, 64x56x56x128
+// fp16 0.227 -> 0.183; FlashInternImage-L stage 4 (2x25x42, 80 groups, 1.2 waves) got slower, 0.037 ->
+// 0.044; fp32 got slower at 16 channels.
 template <typename scalar_t, int V>
 bool two_vectors_fill_device(const DCNv4Params& p) {
   const int vecs = p.group_channels / V;
@@ -302,7 +344,7 @@ bool two_vectors_fill_device(const DCNv4Params& p) {
     int sms = 0, blocks = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, dcnv4_forward_kernel<scalar_t, V, 3, 3, 2>, kThreadsPerBlock, 0));
+        &blocks, dcnv4_forward_kernel<scalar_t, V, 3, 3, 2, true>, kThreadsPerBlock, 0));
     return static_cast<int64_t>(sms) * blocks * kThreadsPerBlock;
   });
   const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (vecs / 2);
@@ -311,7 +353,11 @@ bool two_vectors_fill_device(const DCNv4Params& p) {
 
 // Instantiates only what is used: fp64 (for gradcheck) and channel counts that allow no 16-byte vectors
 // take the generic kernel; the others get 16-byte vectors, and 3x3 one of the kernels that share a
-// point's geometry (shuffles, shared memory) or give a thread two vectors.
+// point's geometry (shuffles, shared memory) or give a thread two vectors. The 3x3 fp16/bf16 kernels and
+// fp32 with 4 lanes issue a point's loads together (measured on an H200, outputs equal bit for bit: T224
+// s3 fp16 0.0403 -> 0.0330 ms, 64x56x56x128 bf16 0.1879 -> 0.1712, T224 s1 fp32 0.1549 -> 0.1483); fp32
+// with 8 lanes does not (64x28x28x256 0.1419 -> 0.1560: at 8 lanes the loads of one point already come
+// from 8 threads).
 template <typename scalar_t>
 void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                       cudaStream_t stream) {
@@ -335,13 +381,13 @@ void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar
     if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
       if constexpr (sizeof(scalar_t) == 2) {
         if (two_vectors_fill_device<scalar_t, kWide>(p)) {
-          return launch_forward<scalar_t, kWide, 3, 3, 2>(value, offset_mask, output, p, stream);
+          return launch_forward<scalar_t, kWide, 3, 3, 2, true>(value, offset_mask, output, p, stream);
         }
+        return launch_forward<scalar_t, kWide, 3, 3, 1, true>(value, offset_mask, output, p, stream);
+      } else {  // fp32
+        if (lanes == 4) return launch_forward_split<scalar_t, kWide, 4, true>(value, offset_mask, output, p, stream);
+        return launch_forward<scalar_t, kWide, 3, 3>(value, offset_mask, output, p, stream);
       }
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (lanes == 4) return launch_forward_split<scalar_t, kWide, 4>(value, offset_mask, output, p, stream);
-      }
-      return launch_forward<scalar_t, kWide, 3, 3>(value, offset_mask, output, p, stream);
     }
     if (wide) return launch_forward<scalar_t, kWide, 0, 0>(value, offset_mask, output, p, stream);
   }
