@@ -275,14 +275,29 @@ inline SortedRegion sorted_region(const DCNv4Params& p) {
 // rows start on different banks (phase 4 reads the rows of random tile pixels, 16 bytes a thread).
 constexpr int sorted_tile_row(int group_channels) { return group_channels + 4; }
 
-inline size_t sorted_shared_bytes(const DCNv4Params& p, const SortedRegion& r) {
+// With 2 lanes a pixel (fp16/bf16, 16 channels) the tile's offset and weight gradients are gathered in
+// shared memory and written by consecutive threads, a pixel's 3 * K values at a time: written one by one
+// from the pixels' first lanes, each value was a partial-sector store of its own. Measured on an H200,
+// backward kernel: T224 s1 fp16 544 -> 508 us (-> 490 with phase 3 in place, which alone was slower at 2
+// lanes: 573), T det s1 fp16 384 -> 356 (-> 347). With 4 or 8 lanes, added to phase 3 in place, it made
+// rows slower (T224 s2 fp32 287 -> 306 us, 64x56x56x128 fp32 854 -> 911), so there the writers store
+// directly.
+template <int LANES>
+constexpr bool sorted_gathers_offset_gradients() { return LANES == 2; }
+
+template <typename scalar_t, int LANES>
+size_t sorted_shared_bytes(const DCNv4Params& p, const SortedRegion& r) {
+  const size_t offset_gradients = sorted_gathers_offset_gradients<LANES>() ? kSortedPixels * 3 * p.points : 0;
   return sizeof(float) * kSortedPixels * sorted_tile_row(p.group_channels)  // the tile's grad_output, fp32
-         + (2 * sizeof(float) + sizeof(int) + sizeof(short)) * kSortedEntries  // weight, key; sorted weight, row
-         + sizeof(int) * (r.rows * r.cols + 1);                            // per-cell counts, then starts
+         + sizeof(scalar_t) * offset_gradients                              // the tile's offset gradients
+         + (sizeof(float) + sizeof(int)) * kSortedEntries                   // weight and key, then sorted
+         + sizeof(int) * (r.rows * r.cols + 1);                             // per-cell counts, then starts
 }
 
+// 64 registers at most (16 / LANES blocks of 64 * LANES threads fill the register file): 2 lanes with no
+// bound took 71.
 template <typename scalar_t, int V, int LANES>
-__global__ void __launch_bounds__(kSortedPixels * LANES)
+__global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     dcnv4_backward_sorted_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
                                  const FloatAtomicAdd<float> accumulate, const DCNv4Params p, const SortedRegion r,
@@ -291,16 +306,17 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
   constexpr int kThreads = kSortedPixels * LANES;
   constexpr int D = V * LANES;  // one vector a lane (try_backward_sorted)
   constexpr int kRow = sorted_tile_row(D);
-  static_assert(kSortedPixels * kRow <= 32767, "tile rows are recorded as short");
   const int K = p.points;
   const int cells = r.rows * r.cols, entries = kSortedPixels * K * 4;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
+  constexpr bool kGathered = sorted_gathers_offset_gradients<LANES>();
   float* grad_tile = reinterpret_cast<float*>(shared_bytes);  // [pixel][kRow]
-  float* entry_weight = grad_tile + kSortedPixels * kRow;     // m * bilinear weight of the corner
-  int* entry_key = reinterpret_cast<int*>(entry_weight + kSortedEntries);  // see kSortedCellShift, or -1
-  int* cell_start = entry_key + kSortedEntries;                           // counts, then exclusive starts
-  float* sorted_weight = reinterpret_cast<float*>(cell_start + cells + 1);  // the entries sorted by cell:
-  short* sorted_row = reinterpret_cast<short*>(sorted_weight + kSortedEntries);  // weight and tile row (floats)
+  scalar_t* gom_tile = reinterpret_cast<scalar_t*>(grad_tile + kSortedPixels * kRow);  // [pixel][3 * K], if kGathered
+  // Per entry, m * bilinear weight and key (kSortedCellShift, or -1); from phase 3 on, the recorded entries
+  // sorted by cell: weight and tile row (offset in floats).
+  float* entry_weight = reinterpret_cast<float*>(gom_tile + (kGathered ? kSortedPixels * 3 * K : 0));
+  int* entry_key = reinterpret_cast<int*>(entry_weight + kSortedEntries);
+  int* cell_start = entry_key + kSortedEntries;  // counts, then exclusive starts
 
   const int lane = threadIdx.x % LANES, local = threadIdx.x / LANES;
   const int tile_y = blockIdx.x / tiles_x, tile_x = blockIdx.x - tile_y * tiles_x;
@@ -404,11 +420,21 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
         }
       }
       write_point_gradients(grad_m, grad_x, grad_y, LANES, active && lane == 0, pt.flags & kPointNan, pt.m, scale,
-                            grad_offset_mask + om_offset, k, K);
+                            kGathered ? gom_tile + local * 3 * K : grad_offset_mask + om_offset, k, K);
     }
   }
   if (active && lane == 0 && g == p.group - 1) zero_offset_padding(grad_offset_mask + om_pixel, p);
   __syncthreads();
+  if constexpr (kGathered) {  // the tile's offset gradients, consecutive threads on a pixel's consecutive values
+    const int per_pixel = 3 * K;
+    for (int e = threadIdx.x; e < kSortedPixels * per_pixel; e += kThreads) {
+      const int pixel = e / per_pixel, c = e - pixel * per_pixel;
+      const int y = tile_y * kSortedTile + pixel / kSortedTile, x = tile_x * kSortedTile + pixel % kSortedTile;
+      if (y < p.out_height && x < p.out_width) {
+        grad_offset_mask[(out_image + y * p.out_width + x) * p.om_channels + g * per_pixel + c] = gom_tile[e];
+      }
+    }
+  }
 
   // Phase 2: exclusive scan of the per-cell counts: a run of cells per thread, then warp and block offsets.
   {
@@ -445,13 +471,27 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
   }
   __syncthreads();
 
-  // Phase 3: each recorded entry goes to its place in its cell's run.
-  for (int e = threadIdx.x; e < entries; e += kThreads) {
-    const int key = entry_key[e];
-    if (key >= 0) {
-      const int place = cell_start[key >> kSortedCellShift] + (key & ((1 << kSortedSlotBits) - 1));
-      sorted_weight[place] = entry_weight[e];
-      sorted_row[place] = static_cast<short>((key >> kSortedSlotBits & ((1 << kSortedPixelBits) - 1)) * kRow);
+  // Phase 3: each recorded entry goes to its place in its cell's run, in the same arrays: every thread first
+  // reads its entries into registers. (Sorting into separate arrays took 38.5 instead of 24.7 KB of shared
+  // memory a block at 16 channels; measured on an H200, fp32 64x56x56x128 backward kernel 871 -> 854 us.)
+  {
+    constexpr int kPerThread = (kSortedEntries + kThreads - 1) / kThreads;
+    int key[kPerThread];
+    float weight[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int e = threadIdx.x + j * kThreads;
+      key[j] = e < entries ? entry_key[e] : -1;
+      weight[j] = key[j] >= 0 ? entry_weight[e] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      if (key[j] >= 0) {
+        const int place = cell_start[key[j] >> kSortedCellShift] + (key[j] & ((1 << kSortedSlotBits) - 1));
+        entry_weight[place] = weight[j];
+        entry_key[place] = (key[j] >> kSortedSlotBits & ((1 << kSortedPixelBits) - 1)) * kRow;
+      }
     }
   }
   __syncthreads();
@@ -468,8 +508,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES)
     for (int e = 0; e < 8; ++e) acc[e] = 0.f;
 #pragma unroll 4
     for (int i = begin; i < end; ++i) {
-      const float wgt = sorted_weight[i];
-      const float* row = grad_tile + sorted_row[i] + ch;
+      const float wgt = entry_weight[i];
+      const float* row = grad_tile + entry_key[i] + ch;
 #pragma unroll
       for (int e = 0; e < 8; e += 4) {
         const float4 gv = *reinterpret_cast<const float4*>(row + e);
@@ -493,7 +533,7 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   const int tiles_x = static_cast<int>((p.out_width + kSortedTile - 1) / kSortedTile);
   const int64_t tiles = tiles_x * ((p.out_height + kSortedTile - 1) / kSortedTile);
   TORCH_CHECK(tiles < (int64_t{1} << 31) && p.group < 65536, "dcnv4: output map too large");
-  const size_t shared = sorted_shared_bytes(p, r);
+  const size_t shared = sorted_shared_bytes<scalar_t, LANES>(p, r);
   TORCH_INTERNAL_ASSERT(shared <= 48 * 1024, "dcnv4: sorted backward needs ", shared, " bytes of shared memory");
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
