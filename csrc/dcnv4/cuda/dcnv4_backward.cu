@@ -290,7 +290,7 @@ size_t sorted_shared_bytes(const DCNv4Params& p, const SortedRegion& r) {
   const size_t offset_gradients = sorted_gathers_offset_gradients<LANES>() ? kSortedPixels * 3 * p.points : 0;
   return sizeof(float) * kSortedPixels * sorted_tile_row(p.group_channels)  // the tile's grad_output, fp32
          + sizeof(scalar_t) * offset_gradients                              // the tile's offset gradients
-         + (sizeof(float) + sizeof(int)) * kSortedEntries                   // weight and key, then sorted
+         + sizeof(int2) * kSortedEntries                                    // key and weight, then sorted
          + sizeof(int) * (r.rows * r.cols + 1);                             // per-cell counts, then starts
 }
 
@@ -312,11 +312,11 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   constexpr bool kGathered = sorted_gathers_offset_gradients<LANES>();
   float* grad_tile = reinterpret_cast<float*>(shared_bytes);  // [pixel][kRow]
   scalar_t* gom_tile = reinterpret_cast<scalar_t*>(grad_tile + kSortedPixels * kRow);  // [pixel][3 * K], if kGathered
-  // Per entry, m * bilinear weight and key (kSortedCellShift, or -1); from phase 3 on, the recorded entries
-  // sorted by cell: weight and tile row (offset in floats).
-  float* entry_weight = reinterpret_cast<float*>(gom_tile + (kGathered ? kSortedPixels * 3 * K : 0));
-  int* entry_key = reinterpret_cast<int*>(entry_weight + kSortedEntries);
-  int* cell_start = entry_key + kSortedEntries;  // counts, then exclusive starts
+  // Per entry (see sorted_entry), its key (kSortedCellShift, or -1) and the bits of m * bilinear weight;
+  // from phase 3 on, the recorded entries sorted by cell: tile row (offset in floats) and weight. One
+  // 8-byte record, so that phases 3 and 4 read an entry with one load.
+  int2* entry = reinterpret_cast<int2*>(gom_tile + (kGathered ? kSortedPixels * 3 * K : 0));
+  int* cell_start = reinterpret_cast<int*>(entry + kSortedEntries);  // counts, then exclusive starts
 
   const int lane = threadIdx.x % LANES, local = threadIdx.x / LANES;
   const int tile_y = blockIdx.x / tiles_x, tile_x = blockIdx.x - tile_y * tiles_x;
@@ -401,14 +401,15 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
         const bool inside = q < 4 && (pt.flags >> q & 1);
         const bool in_region = static_cast<unsigned>(cy) < static_cast<unsigned>(r.rows) &&
                                static_cast<unsigned>(cx) < static_cast<unsigned>(r.cols);
-        const int entry = (local * K + k) * 4 + q;
         int key = -1;
+        float weight_q = 0.f;
         if (inside && in_region) {
           const int cell = cy * r.cols + cx;
           key = cell << kSortedCellShift | local << kSortedSlotBits | atomicAdd(cell_start + cell, 1);
-          entry_weight[entry] = pt.m * ((q & 2 ? ly : hy) * (q & 1 ? lx : hx));  // weight[q]
+          weight_q = pt.m * ((q & 2 ? ly : hy) * (q & 1 ? lx : hx));  // weight[q]
         }
-        if (q < 4) entry_key[entry] = key;
+        // Consecutive pixels on consecutive records: the stores of a warp's pixels hit distinct banks.
+        if (q < 4) entry[(k * 4 + q) * kSortedPixels + local] = make_int2(key, __float_as_int(weight_q));
         const unsigned outside = __ballot_sync(0xffffffffu, inside && !in_region);
         spilled |= (outside >> pixel_lane0 & ((1u << kRecorders) - 1)) << (j * LANES);
       }
@@ -476,21 +477,19 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   // memory a block at 16 channels; measured on an H200, fp32 64x56x56x128 backward kernel 871 -> 854 us.)
   {
     constexpr int kPerThread = (kSortedEntries + kThreads - 1) / kThreads;
-    int key[kPerThread];
-    float weight[kPerThread];
+    int2 record[kPerThread];  // key, weight bits
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int e = threadIdx.x + j * kThreads;
-      key[j] = e < entries ? entry_key[e] : -1;
-      weight[j] = key[j] >= 0 ? entry_weight[e] : 0.f;
+      record[j] = e < entries ? entry[e] : make_int2(-1, 0);
     }
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
-      if (key[j] >= 0) {
-        const int place = cell_start[key[j] >> kSortedCellShift] + (key[j] & ((1 << kSortedSlotBits) - 1));
-        entry_weight[place] = weight[j];
-        entry_key[place] = (key[j] >> kSortedSlotBits & ((1 << kSortedPixelBits) - 1)) * kRow;
+      const int key = record[j].x;
+      if (key >= 0) {
+        const int place = cell_start[key >> kSortedCellShift] + (key & ((1 << kSortedSlotBits) - 1));
+        entry[place] = make_int2((key >> kSortedSlotBits & ((1 << kSortedPixelBits) - 1)) * kRow, record[j].y);
       }
     }
   }
@@ -508,8 +507,9 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     for (int e = 0; e < 8; ++e) acc[e] = 0.f;
 #pragma unroll 4
     for (int i = begin; i < end; ++i) {
-      const float wgt = entry_weight[i];
-      const float* row = grad_tile + entry_key[i] + ch;
+      const int2 sorted = entry[i];
+      const float wgt = __int_as_float(sorted.y);
+      const float* row = grad_tile + sorted.x + ch;
 #pragma unroll
       for (int e = 0; e < 8; e += 4) {
         const float4 gv = *reinterpret_cast<const float4*>(row + e);
