@@ -385,7 +385,8 @@ def test_cuda_two_vectors_per_thread(shape, dtype, rng):
         out = dcnv4(value, om, group=g)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if 'dcnv4_forward_kernel' in e.name]
-    assert names and all(re.search(r',3,3,2\b', name.replace(' ', '')) for name in names), names  # <scalar, V, 3, 3, NV=2
+    # dcnv4_forward_kernel<scalar, V, 3, 3, NV=2, ...>
+    assert names and all(re.search(r',3,3,2\b', name.replace(' ', '')) for name in names), names
     ref = dcnv4_reference(value[:1].double(), om[:1].double(), (3, 3), (1, 1), (1, 1), (1, 1), g)
     assert rel_err(out[:1], ref) < TOLERANCE[dtype]
     for i in (0, n - 1):

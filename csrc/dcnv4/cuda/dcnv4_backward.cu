@@ -312,9 +312,9 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   constexpr bool kGathered = sorted_gathers_offset_gradients<LANES>();
   float* grad_tile = reinterpret_cast<float*>(shared_bytes);  // [pixel][kRow]
   scalar_t* gom_tile = reinterpret_cast<scalar_t*>(grad_tile + kSortedPixels * kRow);  // [pixel][3 * K], if kGathered
-  // Per entry (see sorted_entry), its key (kSortedCellShift, or -1) and the bits of m * bilinear weight;
-  // from phase 3 on, the recorded entries sorted by cell: tile row (offset in floats) and weight. One
-  // 8-byte record, so that phases 3 and 4 read an entry with one load.
+  // Per entry (indexed point, corner, pixel in phase 1), its key (kSortedCellShift, or -1) and the bits of
+  // m * bilinear weight; from phase 3 on, the recorded entries sorted by cell: tile row (offset in floats)
+  // and weight. One 8-byte record, so that phases 3 and 4 read an entry with one load.
   int2* entry = reinterpret_cast<int2*>(gom_tile + (kGathered ? kSortedPixels * 3 * K : 0));
   int* cell_start = reinterpret_cast<int*>(entry + kSortedEntries);  // counts, then exclusive starts
 

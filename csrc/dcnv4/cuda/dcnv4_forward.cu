@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // the output is the same bit for bit. Used for fp32 with 16 or 32 channels a group (4 or 8 lanes), where
 // the forward is bound by instruction issue; measured on an H200: T224 s1 0.177 -> 0.161 ms, T det s4
 // 0.027 -> 0.023; at 32 channels 3-10 % faster than the shared-memory geometry. With 2 or 4 lanes of
-// fp16/bf16 it was slower than two vectors a thread (docs/dcnv4_op.md).
+// fp16/bf16 it was slower than two vectors a thread, also with a point's loads together (docs/dcnv4_op.md).
 template <typename scalar_t, int V, int LANES, bool kTogether = false>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_forward_split_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
@@ -356,8 +356,7 @@ bool two_vectors_fill_device(const DCNv4Params& p) {
 // point's geometry (shuffles, shared memory) or give a thread two vectors. The 3x3 fp16/bf16 kernels and
 // fp32 with 4 lanes issue a point's loads together (measured on an H200, outputs equal bit for bit: T224
 // s3 fp16 0.0403 -> 0.0330 ms, 64x56x56x128 bf16 0.1879 -> 0.1712, T224 s1 fp32 0.1549 -> 0.1483); fp32
-// with 8 lanes does not (64x28x28x256 0.1419 -> 0.1560: at 8 lanes the loads of one point already come
-// from 8 threads).
+// with 8 lanes does not (it got slower: 64x28x28x256 0.1419 -> 0.1560).
 template <typename scalar_t>
 void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                       cudaStream_t stream) {
