@@ -40,61 +40,59 @@ __device__ __forceinline__ PointCorners<T> point_corners(T y, T x, T m, int H, i
   return pc;
 }
 
-// Adds a point's corners over this thread's NV vectors of V channels (image: the thread's first channel;
-// its vectors are `step` elements apart) to acc. C: channels of a pixel, row: channels of an image row.
-template <typename scalar_t, int V, int NV, typename T>
-__device__ __forceinline__ void gather_point(const scalar_t* __restrict__ image, int C, int row, int step,
-                                             const PointCorners<T>& pc, T (&acc)[V * NV]) {
-  const int first = pc.base * C;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    if (!(pc.inside >> q & 1)) continue;
-    const int offset = corner_offset(first, q, C, row);
-#pragma unroll
-    for (int u = 0; u < NV; ++u) {
-      T f[V];
-      to_acc(load_vec<scalar_t, V>(image + offset + u * step), f);
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
-    }
-  }
-}
-
-// Zeros for the corners outside the image in gather_point_together: they read these instead of the image,
-// so their loads need no branch (and a NaN or Inf in the image cannot leak in through a zero weight).
+// Zeros for the corners outside the image when a point's loads go together: they read these instead of
+// the image, so their loads need no branch (and a NaN or Inf in the image cannot leak in through a zero
+// weight).
 __device__ __align__(16) const unsigned char kZeroCorner[64] = {};
 
-// gather_point with the point's 4 x NV loads issued together, before any of them is used: with a branch
-// before each corner (gather_point) they wait one at a time (ncu, fp16 T224 s2: 60 % of the stall samples
-// on long-scoreboard waits). A corner outside the image reads kZeroCorner, so its vectors (step = V) must
-// fit there. Same sum in the same order as gather_point, so the output is the same bit for bit.
-template <typename scalar_t, int V, int NV, typename T>
-__device__ __forceinline__ void gather_point_together(const scalar_t* __restrict__ image, int C, int row, int step,
-                                                      const PointCorners<T>& pc, T (&acc)[V * NV]) {
-  static_assert(sizeof(scalar_t) * V * NV <= sizeof(kZeroCorner), "kZeroCorner is too small");
+// Adds a point's corners over this thread's NV consecutive vectors of V channels (image: the thread's first
+// channel) to acc. C: channels of a pixel, row: channels of an image row.
+// kTogether issues the point's 4 x NV loads before using any of them: with a branch before each corner
+// they wait one at a time (ncu, fp16 T224 s2: 60 % of the stall samples on long-scoreboard waits). A
+// corner outside the image then reads kZeroCorner. Same sum in the same order either way, so the output is
+// the same bit for bit.
+template <typename scalar_t, int V, int NV, bool kTogether = false, typename T>
+__device__ __forceinline__ void gather_point(const scalar_t* __restrict__ image, int C, int row,
+                                             const PointCorners<T>& pc, T (&acc)[V * NV]) {
   const int first = pc.base * C;
-  const scalar_t* zeros = reinterpret_cast<const scalar_t*>(kZeroCorner);
-  Vec<scalar_t, V> loaded[4][NV];
+  if constexpr (kTogether) {
+    static_assert(sizeof(scalar_t) * V * NV <= sizeof(kZeroCorner), "kZeroCorner is too small");
+    const scalar_t* zeros = reinterpret_cast<const scalar_t*>(kZeroCorner);
+    Vec<scalar_t, V> loaded[4][NV];
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const scalar_t* corner = (pc.inside >> q & 1) ? image + corner_offset(first, q, C, row) : zeros;
+    for (int q = 0; q < 4; ++q) {
+      const scalar_t* corner = (pc.inside >> q & 1) ? image + corner_offset(first, q, C, row) : zeros;
 #pragma unroll
-    for (int u = 0; u < NV; ++u) loaded[q][u] = load_vec<scalar_t, V>(corner + u * step);
-  }
+      for (int u = 0; u < NV; ++u) loaded[q][u] = load_vec<scalar_t, V>(corner + u * V);
+    }
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < 4; ++q) {
 #pragma unroll
-    for (int u = 0; u < NV; ++u) {
-      T f[V];
-      to_acc(loaded[q][u], f);
+      for (int u = 0; u < NV; ++u) {
+        T f[V];
+        to_acc(loaded[q][u], f);
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+        for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (!(pc.inside >> q & 1)) continue;
+      const int offset = corner_offset(first, q, C, row);
+#pragma unroll
+      for (int u = 0; u < NV; ++u) {
+        T f[V];
+        to_acc(load_vec<scalar_t, V>(image + offset + u * V), f);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+      }
     }
   }
 }
 
 // KH and KW > 0 fix the kernel size at compile time (the common 3x3), so the point loop unrolls and the
-// loads of several points can be in flight together; 0 reads it from p. kTogether: gather_point_together.
+// loads of several points can be in flight together; 0 reads it from p. kTogether: see gather_point.
 template <typename scalar_t, int V, int KH, int KW, int NV, bool kTogether = false>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dcnv4_forward_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
@@ -131,11 +129,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           sampling_position<KH, KW>(p, centre, i, j, static_cast<acc_t>(om[2 * k]), static_cast<acc_t>(om[2 * k + 1]));
       const auto pc = point_corners<acc_t>(pos.y, pos.x, static_cast<acc_t>(om[2 * K + k]), H, W);
       nan_point |= pc.inside == kNanPoint;
-      if constexpr (kTogether) {
-        gather_point_together<scalar_t, V, NV>(image, C, row, V, pc, acc);
-      } else {
-        gather_point<scalar_t, V, NV>(image, C, row, V, pc, acc);
-      }
+      gather_point<scalar_t, V, NV, kTogether>(image, C, row, pc, acc);
     }
   }
   if (nan_point) {
@@ -225,7 +219,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     if (k >= K) break;
     const PointGeometry pg = mine[k];
     nan_point |= pg.inside == kNanPoint;
-    gather_point<scalar_t, V, 1>(image, C, row, V, pg, acc);
+    gather_point<scalar_t, V, 1>(image, C, row, pg, acc);
   }
   if (nan_point) {
 #pragma unroll
@@ -277,11 +271,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #pragma unroll
       for (int q = 0; q < 4; ++q) pg.weight[q] = __shfl_sync(0xffffffffu, mine.weight[q], src, LANES);
       nan_point |= pg.inside == kNanPoint;
-      if constexpr (kTogether) {
-        gather_point_together<scalar_t, V, 1>(image, C, row, V, pg, acc);
-      } else {
-        gather_point<scalar_t, V, 1>(image, C, row, V, pg, acc);
-      }
+      gather_point<scalar_t, V, 1, kTogether>(image, C, row, pg, acc);
     }
   }
   if (nan_point) {
