@@ -253,22 +253,15 @@ static_assert(kSortedPixels <= (1 << kSortedPixelBits), "pixel field too narrow"
 static_assert(kSortedMaxCells <= (1 << (31 - kSortedCellShift)), "cell field too narrow");
 constexpr int kSortedRowShift = 20;  // cell / cols == cell * cols_magic >> 20 for cells < 1024, cols <= 1024
 
-// The region of a tile: `extent` input pixels beyond the first and last window centres of the tile,
-// plus one row and column for the bottom-right corners.
+// The region of a tile (tile_region) and 2^20 / cols + 1: a cell's row without a division.
 struct SortedRegion {
   int extent_h, extent_w, rows, cols;
-  unsigned cols_magic;  // 2^20 / cols + 1: a cell's row without a division
+  unsigned cols_magic;
 };
 
 inline SortedRegion sorted_region(const DCNv4Params& p) {
-  const double scale = std::abs(p.offset_scale);
-  SortedRegion r;
-  r.extent_h = static_cast<int>(std::ceil(scale * (p.dilation_h + kSortedMargin)));  // 3x3: half = dilation
-  r.extent_w = static_cast<int>(std::ceil(scale * (p.dilation_w + kSortedMargin)));
-  r.rows = (kSortedTile - 1) * p.stride_h + 2 * r.extent_h + 2;
-  r.cols = (kSortedTile - 1) * p.stride_w + 2 * r.extent_w + 2;
-  r.cols_magic = (1u << kSortedRowShift) / static_cast<unsigned>(r.cols) + 1;
-  return r;
+  const TileRegion t = tile_region(p, kSortedTile, kSortedMargin);
+  return {t.extent_h, t.extent_w, t.rows, t.cols, (1u << kSortedRowShift) / static_cast<unsigned>(t.cols) + 1};
 }
 
 // A row of the grad_output tile in shared memory: the group's channels and 4 floats of padding, so that

@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "dcnv4/dcnv4_params.h"
@@ -175,6 +176,24 @@ template <typename Launch>
 inline void for_each_batch_slice(int64_t images, Launch&& launch) {
   constexpr int64_t kMaxZ = 65535;
   for (int64_t first = 0; first < images; first += kMaxZ) launch(first, std::min(kMaxZ, images - first));
+}
+
+// The input pixels that the corners of a tile x tile tile of output pixels can fall on, for a 3x3 kernel
+// and learned offsets up to `margin` pixels (before offset_scale): `extent` pixels beyond the first and
+// last window centres of the tile, plus one row and column for the bottom-right corners. Its first pixel
+// is the tile's first window centre minus the extents.
+struct TileRegion {
+  int extent_h, extent_w, rows, cols;
+};
+
+inline TileRegion tile_region(const DCNv4Params& p, int tile, int margin) {
+  const double scale = std::abs(p.offset_scale);
+  TileRegion r;
+  r.extent_h = static_cast<int>(std::ceil(scale * (p.dilation_h + margin)));  // 3x3: half = dilation
+  r.extent_w = static_cast<int>(std::ceil(scale * (p.dilation_w + margin)));
+  r.rows = (tile - 1) * p.stride_h + 2 * r.extent_h + 2;
+  r.cols = (tile - 1) * p.stride_w + 2 * r.extent_w + 2;
+  return r;
 }
 
 // Point k (0 <= k < p.points) of a KH x KW window at `centre`, whose (pixel, group) offsets and weights

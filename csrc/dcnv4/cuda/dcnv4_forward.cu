@@ -316,6 +316,223 @@ void launch_forward_shared(const scalar_t* value, const scalar_t* offset_mask, s
   });
 }
 
+// The 3x3 forward with the tile's input region staged in shared memory. A block takes an 8 x 8 tile of
+// output pixels and as many groups as fill a 128-byte row (4 groups of 16 fp16 channels, 2 of 32, ...).
+// Its windows, plus a margin of learned offset, fall on a region of about 17 x 17 input pixels, which the
+// block first copies into shared memory (whole 128-byte rows, zeros outside the image); the gathers then
+// read shared memory instead of L1, where a warp's 16-byte corner loads touch one cache line per thread
+// and bound the other kernels (ncu, T224 s2 fp16: L1/TEX throughput 84 % -> 48 %, 60.9 -> 51.6 us;
+// docs/dcnv4_op.md). From shared memory, 8 threads reading the 8 distinct 16-byte columns of their rows
+// take one wavefront whatever the rows. With two vectors a thread (4 threads a pixel), the threads of odd
+// pixels read their vectors in the other order, so that the 8 threads of a quarter warp (two pixels) still
+// read 8 distinct columns. Points whose corners leave the region (offsets past the margin) read the image
+// through L1 as before. Same sums in the same order as dcnv4_forward_kernel: the output is the same bit
+// for bit.
+constexpr int kStagedTile = 8;        // tile side, in output pixels
+constexpr int kStagedRowBytes = 128;  // a region pixel: the block's groups' channels
+constexpr int kStagedColumns = kStagedRowBytes / 16;
+constexpr int kStagedMargin = 3;      // learned offsets (before offset_scale) up to this many pixels
+constexpr int kStagedMaxCells = 384;  // 48 KB of shared memory
+
+// Copies 16 bytes from global to shared memory without passing through registers, or writes 16 zeros
+// when `valid` is false (the source is then not read).
+__device__ __forceinline__ void copy_16_or_zeros(void* shared, const void* global, bool valid) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Two 16-byte vectors a thread: 4 threads a (pixel, 128-byte row), 8 pixels a warp, as 4 x 2 pixels so
+// that maps 4 pixels wide (T224 s2's 28, ...) leave no warp half empty.
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
+    dcnv4_forward_staged_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
+                                scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t,
+                                const TileRegion r) {
+  constexpr int NV = 2;
+  extern __shared__ uint4 region[];  // [cell][column]: 16 bytes of the block's channels of a region pixel
+  const int K = p.points, C = static_cast<int>(p.channels);
+  const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+  const int D = p.group_channels;
+  const int tile_y = blockIdx.x / t.tiles_x, tile_x = blockIdx.x - tile_y * t.tiles_x;
+  const int first_group = blockIdx.y * t.group_span;
+  const scalar_t* image = value + static_cast<int64_t>(blockIdx.z) * H * W * C;
+  const auto first_centre = window_centre<float>(p, tile_y * kStagedTile, tile_x * kStagedTile);
+  const int region_y = static_cast<int>(first_centre.y) - r.extent_h;
+  const int region_x = static_cast<int>(first_centre.x) - r.extent_w;
+
+  // Thread i copies column i % 8 of cells i / 8, i / 8 + blockDim / 8, ...: whole 128-byte rows per 8
+  // threads. The cell's row and column advance by additions (one division before the loop).
+  const int cells = r.rows * r.cols;
+  const int column = threadIdx.x % kStagedColumns, cell_step = blockDim.x / kStagedColumns;
+  const int step_rows = cell_step / r.cols, step_cols = cell_step - step_rows * r.cols;
+  int cell = threadIdx.x / kStagedColumns;
+  int row = cell / r.cols, col = cell - row * r.cols;
+  const scalar_t* source = image + first_group * D + column * V;
+#pragma unroll 1
+  for (; cell < cells; cell += cell_step) {
+    const int h = region_y + row, w = region_x + col;
+    const bool inside =
+        static_cast<unsigned>(h) < static_cast<unsigned>(H) && static_cast<unsigned>(w) < static_cast<unsigned>(W);
+    copy_16_or_zeros(region + cell * kStagedColumns + column, inside ? source + (h * W + w) * C : source, inside);
+    row += step_rows;
+    col += step_cols;
+    if (col >= r.cols) {
+      col -= r.cols;
+      ++row;
+    }
+  }
+  wait_copies();
+  __syncthreads();
+
+  // lane, group, then pixel; pixel i of warp w at row (w / 2) * 2 + i / 4, column (w % 2) * 4 + i % 4.
+  const int lane = threadIdx.x % t.lanes;
+  const int pixel_group = threadIdx.x / t.lanes;
+  const int local = pixel_group / t.group_span, g = first_group + pixel_group % t.group_span;
+  const int warp = local / 8, in_warp = local % 8;
+  const int yo = tile_y * kStagedTile + (warp / 2) * 2 + in_warp / 4;
+  const int xo = tile_x * kStagedTile + (warp % 2) * 4 + in_warp % 4;
+  if (yo >= p.out_height || xo >= p.out_width) return;
+  // Odd pixels take their vectors in the other order (see above): acc[u * V + e] holds vector u ^ flip.
+  const int flip = in_warp & 1;
+  const int channel = g * D + lane * (V * NV);
+  const int out_pixel = yo * static_cast<int>(p.out_width) + xo;
+  const int64_t out_image = static_cast<int64_t>(blockIdx.z) * p.out_height * p.out_width;
+  const scalar_t* om = offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) +
+                       g * 3 * K;
+  const scalar_t* lane_image = image + channel;
+  const int image_row = W * C;
+  // Shared addresses in bytes: this thread's first vector in cell 0, its second one `second` further, a
+  // cell to the right kStagedRowBytes, a region row down `cell_row`.
+  const char* mine = reinterpret_cast<const char*>(region + ((g - first_group) * t.lanes + lane) * NV + flip);
+  const int second = flip ? -16 : 16;
+  const int cell_row = r.cols * kStagedRowBytes;
+  const auto centre = window_centre<float>(p, yo, xo);
+
+  float acc[V * NV];
+#pragma unroll
+  for (int e = 0; e < V * NV; ++e) acc[e] = 0.f;
+  bool nan_point = false;
+#pragma unroll
+  for (int k = 0; k < 9; ++k) {
+    if (k >= K) break;
+    const SamplePoint sp = sample_point<3, 3>(p, om, centre, k);
+    const PointCorners<float> pc = point_corners<float>(sp.y, sp.x, sp.m, H, W);
+    nan_point |= pc.inside == kNanPoint;
+    if (pc.inside == 0 || pc.inside == kNanPoint) continue;  // contributes nothing
+    const int cy = static_cast<int>(floorf(sp.y)) - region_y, cx = static_cast<int>(floorf(sp.x)) - region_x;
+    if (static_cast<unsigned>(cy) < static_cast<unsigned>(r.rows - 1) &&
+        static_cast<unsigned>(cx) < static_cast<unsigned>(r.cols - 1)) {
+      const char* top = mine + (cy * r.cols + cx) * kStagedRowBytes;
+      const char* bottom = top + cell_row;
+      const char* corners[4] = {top, top + kStagedRowBytes, bottom, bottom + kStagedRowBytes};
+      Vec<scalar_t, V> loaded[4][NV];  // all eight loads before the first use
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        loaded[q][0] = *reinterpret_cast<const Vec<scalar_t, V>*>(corners[q]);
+        loaded[q][1] = *reinterpret_cast<const Vec<scalar_t, V>*>(corners[q] + second);
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+#pragma unroll
+        for (int u = 0; u < NV; ++u) {
+          float f[V];
+          to_acc(loaded[q][u], f);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+        }
+      }
+    } else {  // an offset past the margin: the corners from the image, through L1
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (!(pc.inside >> q & 1)) continue;
+        const int offset = corner_offset(pc.base * C, q, C, image_row);
+#pragma unroll
+        for (int u = 0; u < NV; ++u) {
+          float f[V];
+          to_acc(load_vec<scalar_t, V>(lane_image + offset + (u ^ flip) * V), f);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+        }
+      }
+    }
+  }
+  if (nan_point) {
+#pragma unroll
+    for (int e = 0; e < V * NV; ++e) acc[e] = NAN;
+  }
+#pragma unroll
+  for (int u = 0; u < NV; ++u) {
+    store_from_acc<scalar_t, V>(output + out_image * C + out_pixel * C + channel + (u ^ flip) * V, acc + u * V);
+  }
+}
+
+// Threads of one wave of the staged kernel on the current device (blocks of 256 threads with the largest
+// region's shared memory).
+template <typename scalar_t>
+int64_t staged_wave(int device) {
+  return cuda_buffers::cached_per_device(device, [](int d) {
+    int sms = 0, blocks = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, dcnv4_forward_staged_kernel<scalar_t, 16 / sizeof(scalar_t)>, kStagedTile * kStagedTile * 4,
+        static_cast<size_t>(kStagedRowBytes) * kStagedMaxCells));
+    return static_cast<int64_t>(sms) * blocks * kStagedTile * kStagedTile * 4;
+  });
+}
+
+// Runs the staged forward when it applies and pays: a 3x3 kernel; fp32 or fp16 (bf16 was slower on most
+// benchmark maps, see docs/dcnv4_op.md); a group of 32, 64 or 128 bytes (two 16-byte vectors a thread,
+// 1 to 4 threads a group) whose 128-byte rows of groups divide the channels; 16-byte aligned tensors; a
+// region of at most kStagedMaxCells pixels; an output map of at least a tile; and a problem of at least
+// 1.25 waves of the device. On smaller problems the copy into shared memory and the barrier after it are
+// not hidden behind other blocks' work, and a map smaller than a tile leaves part of every block idle
+// (measured on an H200: T det s4 2x25x42x512 fp32 0.0218 -> 0.0242 ms, 1x25x40x1024 fp16 0.0143 ->
+// 0.0157, 64x7x7x1024 fp32 0.0397 -> 0.0421).
+template <typename scalar_t>
+bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
+                        cudaStream_t stream) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, double>) {
+    return false;
+  } else {
+    constexpr int kV = 16 / sizeof(scalar_t);
+    const int group_bytes = p.group_channels * static_cast<int>(sizeof(scalar_t));
+    if (p.kernel_h != 3 || p.kernel_w != 3 || kStagedRowBytes % group_bytes != 0 || group_bytes < 32 ||
+        !vector_fits<scalar_t, kV>(p.group_channels, {value, output})) {
+      return false;
+    }
+    const int span = kStagedRowBytes / group_bytes;
+    const TileRegion r = tile_region(p, kStagedTile, kStagedMargin);
+    if (p.group % span != 0 || p.group / span >= 65536 || r.rows * r.cols > kStagedMaxCells ||
+        p.out_height < kStagedTile || p.out_width < kStagedTile) {
+      return false;
+    }
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (group_bytes / 32);
+    if (4 * threads < 5 * staged_wave<scalar_t>(device)) return false;
+    TileShape t;
+    t.lanes = group_bytes / 32;
+    t.chunks = 1;
+    t.group_span = span;
+    t.tile_h = t.tile_w = kStagedTile;
+    t.tiles_x = static_cast<int>((p.out_width + kStagedTile - 1) / kStagedTile);
+    t.tiles = t.tiles_x * static_cast<int>((p.out_height + kStagedTile - 1) / kStagedTile);
+    t.threads = kStagedTile * kStagedTile * 4;
+    const size_t shared = static_cast<size_t>(kStagedRowBytes) * r.rows * r.cols;
+    const int64_t out_image = p.out_height * p.out_width;
+    for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
+      const dim3 grid = tile_grid(t, p, count);
+      dcnv4_forward_staged_kernel<scalar_t, kV><<<grid, t.threads, shared, stream>>>(
+          value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
+          output + first * out_image * p.channels, p, t, r);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return true;
+  }
+}
+
 // Two 16-byte vectors per thread (fp16/bf16, 16 or 32 channels per group: 1 or 2 threads per (pixel, group)
 // instead of 2 or 4). The forward is bound by instruction issue (docs/dcnv4_op.md), and every thread of a
 // (pixel, group) issues the same point geometry; with two vectors a thread issues it for twice the
@@ -342,11 +559,12 @@ bool two_vectors_fill_device(const DCNv4Params& p) {
 }
 
 // Instantiates only what is used: fp64 (for gradcheck) and channel counts that allow no 16-byte vectors
-// take the generic kernel; the others get 16-byte vectors, and 3x3 one of the kernels that share a
-// point's geometry (shuffles, shared memory) or give a thread two vectors. The 3x3 fp16/bf16 kernels and
-// fp32 with 4 lanes issue a point's loads together (measured on an H200, outputs equal bit for bit: T224
-// s3 fp16 0.0403 -> 0.0330 ms, 64x56x56x128 bf16 0.1879 -> 0.1712, T224 s1 fp32 0.1549 -> 0.1483); fp32
-// with 8 lanes does not (it got slower: 64x28x28x256 0.1419 -> 0.1560).
+// take the generic kernel; the others get 16-byte vectors, and 3x3 the staged kernel where it applies
+// and pays (try_forward_staged), else one of the kernels that share a point's geometry (shuffles, shared
+// memory) or give a thread two vectors. The 3x3 fp16/bf16 kernels and fp32 with 4 lanes issue a point's
+// loads together (measured on an H200, outputs equal bit for bit: T224 s3 fp16 0.0403 -> 0.0330 ms,
+// 64x56x56x128 bf16 0.1879 -> 0.1712, T224 s1 fp32 0.1549 -> 0.1483); fp32 with 8 lanes does not (it
+// got slower: 64x28x28x256 0.1419 -> 0.1560).
 template <typename scalar_t>
 void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                       cudaStream_t stream) {
@@ -358,6 +576,7 @@ void dispatch_forward(const scalar_t* value, const scalar_t* offset_mask, scalar
     // measured on an H200), wider groups through shared memory (at 2-4 lanes that was 5-35 % slower: the
     // barrier and the extra pass dominate).
     const int lanes = p.group_channels / kWide;
+    if (wide && try_forward_staged<scalar_t>(value, offset_mask, output, p, stream)) return;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (wide && p.kernel_h == 3 && p.kernel_w == 3 && lanes == 8) {
         return launch_forward_split<scalar_t, kWide, 8>(value, offset_mask, output, p, stream);
