@@ -343,27 +343,6 @@ __device__ __forceinline__ void copy_16_or_zeros(void* shared, const void* globa
 
 __device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_all;\n" ::); }
 
-// to_acc, except that bf16 is widened by a byte permute and a logic op per pair (ALU pipe) instead of the
-// integer multiply-shifts the compiler picks (FMA pipe, which the accumulation's FFMAs keep busy). Exact
-// either way. Measured in the staged kernel on an H200: T224 s2 bf16 0.0660 -> 0.0551 ms, 64x56x56x128
-// bf16 0.2013 -> 0.1606 (ncu T224 s2: 38.1 -> 34.5 M warp instructions).
-template <typename T, int V>
-__device__ __forceinline__ void widen_on_alu(const Vec<T, V>& in, float (&out)[V]) {
-  if constexpr (std::is_same_v<T, at::BFloat16> && V % 2 == 0) {
-    const unsigned* words = reinterpret_cast<const unsigned*>(in.v);
-#pragma unroll
-    for (int e = 0; e < V / 2; ++e) {
-      unsigned low, high;
-      asm("prmt.b32 %0, %1, 0, 0x1044;" : "=r"(low) : "r"(words[e]));  // bytes 1, 0 -> 3, 2; zeros below
-      asm("and.b32 %0, %1, 0xffff0000;" : "=r"(high) : "r"(words[e]));
-      out[2 * e] = __uint_as_float(low);
-      out[2 * e + 1] = __uint_as_float(high);
-    }
-  } else {
-    to_acc(in, out);
-  }
-}
-
 // Two 16-byte vectors a thread: 4 threads a (pixel, 128-byte row), 8 pixels a warp, as 4 x 2 pixels so
 // that maps 4 pixels wide (T224 s2's 28, ...) leave no warp half empty.
 template <typename scalar_t, int V>
@@ -459,7 +438,7 @@ __global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
 #pragma unroll
         for (int u = 0; u < NV; ++u) {
           float f[V];
-          widen_on_alu(loaded[q][u], f);
+          to_acc(loaded[q][u], f);
 #pragma unroll
           for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
         }
