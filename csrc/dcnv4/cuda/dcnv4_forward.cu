@@ -485,10 +485,10 @@ int64_t staged_wave(int device) {
 // Runs the staged forward when it applies and pays: a 3x3 kernel; fp32, fp16 or bf16; a group of 32, 64
 // or 128 bytes (two 16-byte vectors a thread, 1 to 4 threads a group) whose 128-byte rows of groups
 // divide the channels; 16-byte aligned tensors; a region of at most kStagedMaxCells pixels; an output map
-// of at least a tile; and a problem of at least 1.25 waves of the device. On smaller problems the copy into shared memory and the barrier after it are
-// not hidden behind other blocks' work, and a map smaller than a tile leaves part of every block idle
-// (measured on an H200: T det s4 2x25x42x512 fp32 0.0218 -> 0.0242 ms, 1x25x40x1024 fp16 0.0143 ->
-// 0.0157, 64x7x7x1024 fp32 0.0397 -> 0.0421).
+// of at least a tile; and a problem of at least 1.25 waves of the device. On smaller problems the copy
+// into shared memory and the barrier after it are not hidden behind other blocks' work, and a map smaller
+// than a tile leaves part of every block idle (measured on an H200: T det s4 2x25x42x512 fp32 0.0218 ->
+// 0.0242 ms, 1x25x40x1024 fp16 0.0143 -> 0.0157, 64x7x7x1024 fp32 0.0397 -> 0.0421).
 template <typename scalar_t>
 bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                         cudaStream_t stream) {
