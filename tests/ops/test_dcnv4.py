@@ -513,10 +513,10 @@ def test_cuda_sorted_value_gradient(name, dtype, d, rng):
     assert rel_err(got[0], scattered) < GRAD_TOLERANCE[dtype]
 
 
-# (dtype, channels per group) of the staged forward: 1 or 2 threads a group (fp16/bf16, 16 or 32), 2 or
-# 4 (fp32, 16 or 32)
-STAGED_WIDTHS = [(torch.float16, 16), (torch.float16, 32), (torch.bfloat16, 16), (torch.bfloat16, 32),
-                 (torch.float32, 16), (torch.float32, 32)]
+# (dtype, channels per group) of the staged forward: groups of 32, 64 or 128 bytes, 1, 2 or 4 threads a
+# group
+STAGED_WIDTHS = [(torch.float16, 16), (torch.float16, 32), (torch.float16, 64), (torch.bfloat16, 16),
+                 (torch.bfloat16, 32), (torch.float32, 8), (torch.float32, 16), (torch.float32, 32)]
 # Stride 2 widens a tile's region past the staged kernel's shared memory, and a map smaller than a tile
 # does not pay for it: the other kernels run there. The 34 x 38 maps are not multiples of the tile.
 STAGED_CASES = sorted(name for name in SORTED_CASES if name not in ('stride_2', 'small_ragged_map'))
@@ -526,7 +526,7 @@ STAGED_CASES = sorted(name for name in SORTED_CASES if name not in ('stride_2', 
 @pytest.mark.parametrize('dtype,d', STAGED_WIDTHS, ids=lambda v: str(v).replace('torch.', ''))
 @pytest.mark.parametrize('name', STAGED_CASES)
 def test_cuda_staged_forward(name, dtype, d, rng):
-    """A 3x3 fp32/fp16/bf16 forward of 16 or 32 channels a group over a batch that fills the GPU takes the
+    """A 3x3 fp32/fp16/bf16 forward of 32 to 128 bytes a group over a batch that fills the GPU takes the
     kernel that stages each tile's input region in shared memory (kernel name checked). It equals bit for
     bit the per-image calls, too small for it, and matches the float64 reference, with offsets past the
     region, dilation, remove_center, offset_scale, points piled on one spot, on pixel edges and past the
