@@ -40,6 +40,17 @@ inline int64_t resident_threads(int device) {
   });
 }
 
+// Threads of one wave of `kernel` on `device` (the current one): SMs x the kernel's resident blocks of
+// `block_threads` threads with `shared_bytes` of dynamic shared memory each. Cache it with
+// cached_per_device.
+template <typename Kernel>
+int64_t kernel_wave_threads(int device, Kernel kernel, int block_threads, size_t shared_bytes) {
+  int sms = 0, blocks = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, block_threads, shared_bytes));
+  return static_cast<int64_t>(sms) * blocks * block_threads;
+}
+
 // A new contiguous tensor of zeros, filled on `stream` (the caller's current stream, on its device).
 inline at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options, cudaStream_t stream) {
   at::Tensor t = at::empty(sizes, options);

@@ -40,6 +40,15 @@ __device__ __forceinline__ PointCorners<T> point_corners(T y, T x, T m, int H, i
   return pc;
 }
 
+// acc[e] += weight * corner[e] over a corner's vector of V channels, widened to the accumulation type.
+template <typename scalar_t, int V, typename T>
+__device__ __forceinline__ void add_weighted(const Vec<scalar_t, V>& corner, T weight, T* acc) {
+  T f[V];
+  to_acc(corner, f);
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] += weight * f[e];
+}
+
 // Zeros for the corners outside the image when a point's loads go together: they read these instead of
 // the image, so their loads need no branch (and a NaN or Inf in the image cannot leak in through a zero
 // weight).
@@ -68,12 +77,7 @@ __device__ __forceinline__ void gather_point(const scalar_t* __restrict__ image,
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
-      for (int u = 0; u < NV; ++u) {
-        T f[V];
-        to_acc(loaded[q][u], f);
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
-      }
+      for (int u = 0; u < NV; ++u) add_weighted(loaded[q][u], pc.weight[q], acc + u * V);
     }
   } else {
 #pragma unroll
@@ -82,10 +86,7 @@ __device__ __forceinline__ void gather_point(const scalar_t* __restrict__ image,
       const int offset = corner_offset(first, q, C, row);
 #pragma unroll
       for (int u = 0; u < NV; ++u) {
-        T f[V];
-        to_acc(load_vec<scalar_t, V>(image + offset + u * V), f);
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+        add_weighted(load_vec<scalar_t, V>(image + offset + u * V), pc.weight[q], acc + u * V);
       }
     }
   }
@@ -436,12 +437,7 @@ __global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
 #pragma unroll
-        for (int u = 0; u < NV; ++u) {
-          float f[V];
-          to_acc(loaded[q][u], f);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
-        }
+        for (int u = 0; u < NV; ++u) add_weighted(loaded[q][u], pc.weight[q], acc + u * V);
       }
     } else {  // an offset past the margin: the corners from the image, through L1
 #pragma unroll
@@ -450,10 +446,7 @@ __global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
         const int offset = corner_offset(pc.base * C, q, C, image_row);
 #pragma unroll
         for (int u = 0; u < NV; ++u) {
-          float f[V];
-          to_acc(load_vec<scalar_t, V>(lane_image + offset + (u ^ flip) * V), f);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[u * V + e] += pc.weight[q] * f[e];
+          add_weighted(load_vec<scalar_t, V>(lane_image + offset + (u ^ flip) * V), pc.weight[q], acc + u * V);
         }
       }
     }
@@ -466,20 +459,6 @@ __global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
   for (int u = 0; u < NV; ++u) {
     store_from_acc<scalar_t, V>(output + out_image * C + out_pixel * C + channel + (u ^ flip) * V, acc + u * V);
   }
-}
-
-// Threads of one wave of the staged kernel on the current device (blocks of 256 threads with the largest
-// region's shared memory).
-template <typename scalar_t>
-int64_t staged_wave(int device) {
-  return cuda_buffers::cached_per_device(device, [](int d) {
-    int sms = 0, blocks = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, dcnv4_forward_staged_kernel<scalar_t, 16 / sizeof(scalar_t)>, kStagedTile * kStagedTile * 4,
-        static_cast<size_t>(kStagedRowBytes) * kStagedMaxCells));
-    return static_cast<int64_t>(sms) * blocks * kStagedTile * kStagedTile * 4;
-  });
 }
 
 // Runs the staged forward when it applies and pays: a 3x3 kernel; fp32, fp16 or bf16; a group of 32, 64
@@ -510,7 +489,11 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     int device = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (group_bytes / 32);
-    if (4 * threads < 5 * staged_wave<scalar_t>(device)) return false;
+    const int64_t wave = cuda_buffers::cached_per_device(device, [](int d) {  // blocks with the largest region
+      return cuda_buffers::kernel_wave_threads(d, dcnv4_forward_staged_kernel<scalar_t, kV>,
+                                               kStagedTile * kStagedTile * 4, kStagedRowBytes * kStagedMaxCells);
+    });
+    if (4 * threads < 5 * wave) return false;
     TileShape t;
     t.lanes = group_bytes / 32;
     t.chunks = 1;
@@ -546,12 +529,8 @@ bool two_vectors_fill_device(const DCNv4Params& p) {
   if (vecs != 2 && vecs != 4) return false;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  const int64_t wave = cuda_buffers::cached_per_device(device, [](int d) {  // threads of one wave
-    int sms = 0, blocks = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, dcnv4_forward_kernel<scalar_t, V, 3, 3, 2, true>, kThreadsPerBlock, 0));
-    return static_cast<int64_t>(sms) * blocks * kThreadsPerBlock;
+  const int64_t wave = cuda_buffers::cached_per_device(device, [](int d) {
+    return cuda_buffers::kernel_wave_threads(d, dcnv4_forward_kernel<scalar_t, V, 3, 3, 2, true>, kThreadsPerBlock, 0);
   });
   const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (vecs / 2);
   return threads >= 2 * wave;
