@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "common/cuda_buffers.cuh"
 #include "dcnv4/cuda/dcnv4_cuda.cuh"
@@ -238,7 +239,10 @@ __device__ __forceinline__ ShuffledPoint shuffle_point(const ShuffledPoint& mine
 // channel); then the threads of a region pixel (8 channels each) sum its corners' contributions in
 // registers and add them with one 16-byte vector atomic per 4 channels. Corners outside the region
 // (offsets beyond the margin) are added directly, as in the plain kernel. The offset and weight
-// gradients are computed as there, with one 16-byte vector a lane (2, 4 or 8 lanes a pixel).
+// gradients are computed as there, with one 16-byte vector a lane (2, 4 or 8 lanes a pixel). With kStaged
+// the block first copies the region's input pixels (the group's channels) into shared memory and phase 1
+// gathers its corners from there, as the staged forward does (measured on an H200, backward kernel:
+// T det s1 fp16 331 -> 303 us, T224 s1 fp16 467 -> 442, 64x56x56x128 bf16 577 -> 555).
 constexpr int kSortedTile = 8;  // tile side, in output pixels
 constexpr int kSortedPixels = kSortedTile * kSortedTile;
 constexpr int kSortedMargin = 3;  // learned offsets (before offset_scale) up to this many pixels
@@ -264,6 +268,20 @@ inline SortedRegion sorted_region(const DCNv4Params& p) {
   return {t.extent_h, t.extent_w, t.rows, t.cols, (1u << kSortedRowShift) / static_cast<unsigned>(t.cols) + 1};
 }
 
+// The pixels of a tile inside the map: `count` of them, from (y0, x0), `cols` a row.
+struct TilePixels {
+  int y0, x0, cols, count;
+};
+
+__device__ __forceinline__ TilePixels tile_pixels(const DCNv4Params& p, int tile_y, int tile_x) {
+  TilePixels tp;
+  tp.y0 = tile_y * kSortedTile;
+  tp.x0 = tile_x * kSortedTile;
+  tp.cols = min(kSortedTile, static_cast<int>(p.out_width) - tp.x0);
+  tp.count = min(kSortedTile, static_cast<int>(p.out_height) - tp.y0) * tp.cols;
+  return tp;
+}
+
 // A row of the grad_output tile in shared memory: the group's channels and 4 floats of padding, so that
 // rows start on different banks (phase 4 reads the rows of random tile pixels, 16 bytes a thread).
 constexpr int sorted_tile_row(int group_channels) { return group_channels + 4; }
@@ -278,18 +296,22 @@ constexpr int sorted_tile_row(int group_channels) { return group_channels + 4; }
 template <int LANES>
 constexpr bool sorted_gathers_offset_gradients() { return LANES == 2; }
 
-template <typename scalar_t, int LANES>
-size_t sorted_shared_bytes(const DCNv4Params& p, const SortedRegion& r) {
+// Shared memory a block may take without opting in to more.
+constexpr size_t kSortedSharedLimit = 48 * 1024;
+
+template <typename scalar_t, int LANES, bool kStaged>
+size_t sorted_shared_bytes(const DCNv4Params& p, int cells) {
   const size_t offset_gradients = sorted_gathers_offset_gradients<LANES>() ? kSortedPixels * 3 * p.points : 0;
-  return sizeof(float) * kSortedPixels * sorted_tile_row(p.group_channels)  // the tile's grad_output, fp32
+  return (kStaged ? size_t{16} * LANES * cells : 0)                         // the staged region
+         + sizeof(float) * kSortedPixels * sorted_tile_row(p.group_channels)  // the tile's grad_output, fp32
          + sizeof(scalar_t) * offset_gradients                              // the tile's offset gradients
          + sizeof(int2) * kSortedEntries                                    // key and weight, then sorted
-         + sizeof(int) * (r.rows * r.cols + 1);                             // per-cell counts, then starts
+         + sizeof(int) * (cells + 1);                                       // per-cell counts, then starts
 }
 
 // 64 registers at most (16 / LANES blocks of 64 * LANES threads fill the register file): 2 lanes with no
 // bound took 71.
-template <typename scalar_t, int V, int LANES>
+template <typename scalar_t, int V, int LANES, bool kStaged>
 __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     dcnv4_backward_sorted_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
@@ -303,7 +325,9 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int cells = r.rows * r.cols, entries = kSortedPixels * K * 4;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   constexpr bool kGathered = sorted_gathers_offset_gradients<LANES>();
-  float* grad_tile = reinterpret_cast<float*>(shared_bytes);  // [pixel][kRow]
+  constexpr int kCellBytes = 16 * LANES;  // a region pixel's channels of the group: a vector a lane
+  uint4* region = reinterpret_cast<uint4*>(shared_bytes);  // [cell][lane], if kStaged
+  float* grad_tile = reinterpret_cast<float*>(shared_bytes + (kStaged ? kCellBytes * cells : 0));  // [pixel][kRow]
   scalar_t* gom_tile = reinterpret_cast<scalar_t*>(grad_tile + kSortedPixels * kRow);  // [pixel][3 * K], if kGathered
   // Per entry (indexed point, corner, pixel in phase 1), its key (kSortedCellShift, or -1) and the bits of
   // m * bilinear weight; from phase 3 on, the recorded entries sorted by cell: tile row (offset in floats)
@@ -314,10 +338,14 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int lane = threadIdx.x % LANES, local = threadIdx.x / LANES;
   const int tile_y = blockIdx.x / tiles_x, tile_x = blockIdx.x - tile_y * tiles_x;
   const int g = blockIdx.y, n = blockIdx.z;
-  const int yo_raw = tile_y * kSortedTile + local / kSortedTile, xo_raw = tile_x * kSortedTile + local % kSortedTile;
+  // The tile's pixels inside the map are numbered row by row over the tile's columns inside the map, so
+  // that in a ragged tile (on a 28 x 28 map, 7 tiles of 16 are cut by its edge) the threads of the pixels
+  // past the edge are the last ones and whole warps of them skip phase 1 (measured on an H200, backward
+  // kernel: 64x28x28x256 fp16 339 -> 319 us, T224 s2 fp32 285 -> 271, L det s4 fp32 139 -> 130).
+  const TilePixels tp = tile_pixels(p, tile_y, tile_x);
   // Threads past the map's edge stay to take part in the shuffles; they read and write nothing.
-  const bool active = yo_raw < p.out_height && xo_raw < p.out_width;
-  const int yo = active ? yo_raw : 0, xo = active ? xo_raw : 0;
+  const bool active = local < tp.count;
+  const int yo = active ? tp.y0 + local / tp.cols : 0, xo = active ? tp.x0 + local % tp.cols : 0;
   const int C = static_cast<int>(p.channels);
   const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
   const int channel0 = g * D;
@@ -335,6 +363,9 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int region_y = static_cast<int>(first_centre.y) - r.extent_h;
   const int region_x = static_cast<int>(first_centre.x) - r.extent_w;
   const float scale = static_cast<float>(p.offset_scale);
+  if constexpr (kStaged) {
+    stage_region<LANES>(region, value + image_offset + channel0, r.rows, r.cols, region_y, region_x, H, W, C);
+  }
 
   // The lane's grad_output vector: in registers for phase 1, in shared memory (the tile's) for phase 4.
   float gv[V];
@@ -350,15 +381,20 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
         make_float4(gv[e], gv[e + 1], gv[e + 2], gv[e + 3]);
   }
   for (int i = threadIdx.x; i <= cells; i += kThreads) cell_start[i] = 0;
+  if constexpr (kStaged) wait_copies();
   __syncthreads();
 
   // Phase 1: the plain kernel's per-point work, with each in-region corner recorded instead of added. The
   // lanes of a pixel compute the geometry of different points (lane l: points l, l + LANES, ...) and pass
   // it to each other by shuffles, instead of every lane computing all nine.
   const int pixel_lane0 = (threadIdx.x % 32) & ~(LANES - 1);  // the pixel's first lane in the warp
+  const char* lane_region = reinterpret_cast<const char*>(region + lane);  // this lane's vector of cell 0
+  const int cell_row = r.cols * kCellBytes;
   constexpr int kRounds = (9 + LANES - 1) / LANES;
+  const bool warp_active = __any_sync(0xffffffffu, active);  // else its entries are not read (phase 3)
 #pragma unroll
   for (int round = 0; round < kRounds; ++round) {
+    if (!warp_active) break;
     const int first = round * LANES;
     ShuffledPoint mine = {0, 0, 0, 0.f, 0.f, 0.f};
     if (active && first + lane < K) mine = shuffled_point<3, 3>(p, om, centre, first + lane, H, W);
@@ -373,14 +409,31 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
       const float dy_coef[4] = {-hx, -lx, hx, lx};
       const int first_corner = (pt.y0 * W + pt.x0) * C;
       // No branch between the four corner loads, so they are in flight together: a corner outside the
-      // image (or of an unused point) reads pixel (0, 0) and counts as zero.
+      // image (or of an unused point) counts as zero whatever it reads (zeros of the staged region, or
+      // pixel (0, 0) of the image). With the region staged, a point whose corners all lie in it reads them
+      // from shared memory, others through L1.
+      const int cy0 = pt.y0 - region_y, cx0 = pt.x0 - region_x;
+      Vec<scalar_t, V> loaded[4];
+      if (kStaged && static_cast<unsigned>(cy0) < static_cast<unsigned>(r.rows - 1) &&
+          static_cast<unsigned>(cx0) < static_cast<unsigned>(r.cols - 1)) {
+        const char* top = lane_region + (cy0 * r.cols + cx0) * kCellBytes;
+        const char* corners[4] = {top, top + kCellBytes, top + cell_row, top + cell_row + kCellBytes};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) loaded[q] = *reinterpret_cast<const Vec<scalar_t, V>*>(corners[q]);
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const bool inside = pt.flags >> q & 1;
+          loaded[q] = load_vec<scalar_t, V>(lane_image + (inside ? corner_offset(first_corner, q, C, W * C) : 0));
+        }
+      }
       float grad_m = 0, grad_x = 0, grad_y = 0;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const bool inside = pt.flags >> q & 1;
         float f[V];
-        to_acc(load_vec<scalar_t, V>(lane_image + (inside ? corner_offset(first_corner, q, C, W * C) : 0)), f);
-        add_corner_terms(inside ? dot<V>(gv, f) : 0.f, weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x, grad_y);
+        to_acc(loaded[q], f);
+        add_corner_terms(pt.flags >> q & 1 ? dot<V>(gv, f) : 0.f, weight[q], dx_coef[q], dy_coef[q], grad_m, grad_x,
+                         grad_y);
       }
       // Lane q % LANES records corner q of the point: its key (cell, tile pixel, rank in the cell) and
       // weight. A corner inside the image but outside the region (an offset beyond the margin) is added
@@ -390,7 +443,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
 #pragma unroll
       for (int j = 0; j < 4 / kRecorders; ++j) {
         const int q = lane + j * LANES;  // >= 4: nothing to record (lanes 4-7 of 8)
-        const int cy = pt.y0 - region_y + (q >> 1), cx = pt.x0 - region_x + (q & 1);
+        const int cy = cy0 + (q >> 1), cx = cx0 + (q & 1);
         const bool inside = q < 4 && (pt.flags >> q & 1);
         const bool in_region = static_cast<unsigned>(cy) < static_cast<unsigned>(r.rows) &&
                                static_cast<unsigned>(cx) < static_cast<unsigned>(r.cols);
@@ -423,8 +476,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     const int per_pixel = 3 * K;
     for (int e = threadIdx.x; e < kSortedPixels * per_pixel; e += kThreads) {
       const int pixel = e / per_pixel, c = e - pixel * per_pixel;
-      const int y = tile_y * kSortedTile + pixel / kSortedTile, x = tile_x * kSortedTile + pixel % kSortedTile;
-      if (y < p.out_height && x < p.out_width) {
+      if (pixel < tp.count) {
+        const int y = tp.y0 + pixel / tp.cols, x = tp.x0 + pixel % tp.cols;
         grad_offset_mask[(out_image + y * p.out_width + x) * p.om_channels + g * per_pixel + c] = gom_tile[e];
       }
     }
@@ -470,11 +523,13 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   // memory a block at 16 channels; measured on an H200, fp32 64x56x56x128 backward kernel 871 -> 854 us.)
   {
     constexpr int kPerThread = (kSortedEntries + kThreads - 1) / kThreads;
+    static_assert(kThreads % kSortedPixels == 0, "a thread's entries are of one tile pixel");
+    const bool recorded = static_cast<int>(threadIdx.x % kSortedPixels) < tp.count;  // else skipped in phase 1
     int2 record[kPerThread];  // key, weight bits
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int e = threadIdx.x + j * kThreads;
-      record[j] = e < entries ? entry[e] : make_int2(-1, 0);
+      record[j] = recorded && e < entries ? entry[e] : make_int2(-1, 0);
     }
     __syncthreads();
 #pragma unroll
@@ -518,7 +573,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   }
 }
 
-template <typename scalar_t, int V, int LANES>
+template <typename scalar_t, int V, int LANES, bool kStaged>
 void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                             scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
                             const SortedRegion& r, cudaStream_t stream) {
@@ -526,14 +581,15 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   const int tiles_x = static_cast<int>((p.out_width + kSortedTile - 1) / kSortedTile);
   const int64_t tiles = tiles_x * ((p.out_height + kSortedTile - 1) / kSortedTile);
   TORCH_CHECK(tiles < (int64_t{1} << 31) && p.group < 65536, "dcnv4: output map too large");
-  const size_t shared = sorted_shared_bytes<scalar_t, LANES>(p, r);
-  TORCH_INTERNAL_ASSERT(shared <= 48 * 1024, "dcnv4: sorted backward needs ", shared, " bytes of shared memory");
+  const size_t shared = sorted_shared_bytes<scalar_t, LANES, kStaged>(p, r.rows * r.cols);
+  TORCH_INTERNAL_ASSERT(shared <= kSortedSharedLimit, "dcnv4: sorted backward needs ", shared,
+                        " bytes of shared memory");
   const int64_t out_image = p.out_height * p.out_width;
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     FloatAtomicAdd<float> slice = accumulate;
     slice.base += first * p.height * p.width * p.channels;
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.group), static_cast<unsigned>(count));
-    dcnv4_backward_sorted_kernel<scalar_t, V, LANES><<<grid, kSortedPixels * LANES, shared, stream>>>(
+    dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged><<<grid, kSortedPixels * LANES, shared, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         grad_output + first * out_image * p.channels, grad_offset_mask + first * out_image * p.om_channels,
         slice, p, r, tiles_x);
@@ -558,12 +614,26 @@ bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, con
     return false;
   }
   TORCH_INTERNAL_ASSERT(D / kV == 2 || D / kV == 4 || D / kV == 8, "dcnv4: the sorted backward takes one vector a lane");
+  const auto launch_lanes = [&](auto lanes) {
+    constexpr int kLanes = decltype(lanes)::value;
+    // Phase 1 gathers from the staged region when it fits in the block's 48 KB (2 or 4 lanes at stride 1;
+    // at 8 lanes, fp32 with 32 channels, the region alone is 37 KB at stride 1, and staged with an opt-in
+    // to more shared memory it was level: 64x56x56x128 backward kernel 812.4 -> 813.1 us on an H200).
+    if constexpr (kLanes < 8) {
+      if (sorted_shared_bytes<scalar_t, kLanes, true>(p, r.rows * r.cols) <= kSortedSharedLimit) {
+        return launch_backward_sorted<scalar_t, kV, kLanes, true>(value, offset_mask, grad_output, grad_offset_mask,
+                                                                  accumulate, p, r, stream);
+      }
+    }
+    launch_backward_sorted<scalar_t, kV, kLanes, false>(value, offset_mask, grad_output, grad_offset_mask, accumulate,
+                                                        p, r, stream);
+  };
   if (D / kV == 2) {  // fp16/bf16, 16 channels
-    launch_backward_sorted<scalar_t, kV, 2>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
+    launch_lanes(std::integral_constant<int, 2>{});
   } else if (D / kV == 4) {  // fp16/bf16 with 32 channels, fp32 with 16
-    launch_backward_sorted<scalar_t, kV, 4>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
+    launch_lanes(std::integral_constant<int, 4>{});
   } else {  // fp32 with 32 channels
-    launch_backward_sorted<scalar_t, kV, 8>(value, offset_mask, grad_output, grad_offset_mask, accumulate, p, r, stream);
+    launch_lanes(std::integral_constant<int, 8>{});
   }
   return true;
 }

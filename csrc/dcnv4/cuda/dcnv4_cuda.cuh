@@ -201,6 +201,46 @@ inline TileRegion tile_region(const DCNv4Params& p, int tile, int margin) {
   return r;
 }
 
+// Copies 16 bytes from global to shared memory without passing through registers, or writes 16 zeros
+// when `valid` is false (the source is then not read).
+__device__ __forceinline__ void copy_16_or_zeros(void* shared, const void* global, bool valid) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Starts copying a tile's region of input pixels (`rows` x `cols` from (region_y, region_x) of an H x W
+// image) into shared memory, kColumns 16-byte vectors a pixel: region[cell * kColumns + column] gets the
+// vector at `source + column * (16 bytes)` of the cell's pixel (pixels C elements apart), zeros outside
+// the image. Thread i copies column i % kColumns of cells i / kColumns, i / kColumns + blockDim /
+// kColumns, ...: whole runs of a pixel's vectors per kColumns threads; the cell's row and column advance
+// by additions (one division before the loop; a division per copy cost the staged forward 10 % of its
+// instructions, docs/dcnv4_op.md). The caller waits with wait_copies() and a barrier.
+template <int kColumns, typename scalar_t>
+__device__ __forceinline__ void stage_region(uint4* region, const scalar_t* source, int rows, int cols, int region_y,
+                                             int region_x, int H, int W, int C) {
+  const int cells = rows * cols;
+  const int column = threadIdx.x % kColumns, cell_step = blockDim.x / kColumns;
+  const int step_rows = cell_step / cols, step_cols = cell_step - step_rows * cols;
+  int cell = threadIdx.x / kColumns;
+  int row = cell / cols, col = cell - row * cols;
+  source += column * (16 / sizeof(scalar_t));
+#pragma unroll 1
+  for (; cell < cells; cell += cell_step) {
+    const int h = region_y + row, w = region_x + col;
+    const bool inside =
+        static_cast<unsigned>(h) < static_cast<unsigned>(H) && static_cast<unsigned>(w) < static_cast<unsigned>(W);
+    copy_16_or_zeros(region + cell * kColumns + column, inside ? source + (h * W + w) * C : source, inside);
+    row += step_rows;
+    col += step_cols;
+    if (col >= cols) {
+      col -= cols;
+      ++row;
+    }
+  }
+}
+
 // Point k (0 <= k < p.points) of a KH x KW window at `centre`, whose (pixel, group) offsets and weights
 // start at `om`: its sampling position and weight m, in fp32 (the 3x3 kernels that share a point's
 // geometry between the lanes of a pixel).

@@ -335,15 +335,6 @@ constexpr int kStagedColumns = kStagedRowBytes / 16;
 constexpr int kStagedMargin = 3;      // learned offsets (before offset_scale) up to this many pixels
 constexpr int kStagedMaxCells = 384;  // 48 KB of shared memory
 
-// Copies 16 bytes from global to shared memory without passing through registers, or writes 16 zeros
-// when `valid` is false (the source is then not read).
-__device__ __forceinline__ void copy_16_or_zeros(void* shared, const void* global, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_all;\n" ::); }
-
 // Two 16-byte vectors a thread: 4 threads a (pixel, 128-byte row), 8 pixels a warp, as 4 x 2 pixels so
 // that maps 4 pixels wide (T224 s2's 28, ...) leave no warp half empty.
 template <typename scalar_t, int V>
@@ -363,27 +354,7 @@ __global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
   const int region_y = static_cast<int>(first_centre.y) - r.extent_h;
   const int region_x = static_cast<int>(first_centre.x) - r.extent_w;
 
-  // Thread i copies column i % 8 of cells i / 8, i / 8 + blockDim / 8, ...: whole 128-byte rows per 8
-  // threads. The cell's row and column advance by additions (one division before the loop).
-  const int cells = r.rows * r.cols;
-  const int column = threadIdx.x % kStagedColumns, cell_step = blockDim.x / kStagedColumns;
-  const int step_rows = cell_step / r.cols, step_cols = cell_step - step_rows * r.cols;
-  int cell = threadIdx.x / kStagedColumns;
-  int row = cell / r.cols, col = cell - row * r.cols;
-  const scalar_t* source = image + first_group * D + column * V;
-#pragma unroll 1
-  for (; cell < cells; cell += cell_step) {
-    const int h = region_y + row, w = region_x + col;
-    const bool inside =
-        static_cast<unsigned>(h) < static_cast<unsigned>(H) && static_cast<unsigned>(w) < static_cast<unsigned>(W);
-    copy_16_or_zeros(region + cell * kStagedColumns + column, inside ? source + (h * W + w) * C : source, inside);
-    row += step_rows;
-    col += step_cols;
-    if (col >= r.cols) {
-      col -= r.cols;
-      ++row;
-    }
-  }
+  stage_region<kStagedColumns>(region, image + first_group * D, r.rows, r.cols, region_y, region_x, H, W, C);
   wait_copies();
   __syncthreads();
 
