@@ -359,9 +359,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const scalar_t* lane_image = value + lane_channels;
   const scalar_t* gout = grad_output + out_image * C + out_pixel * C + channel0;
   const auto centre = window_centre<float>(p, yo, xo);
-  const auto first_centre = window_centre<float>(p, tile_y * kSortedTile, tile_x * kSortedTile);
-  const int region_y = static_cast<int>(first_centre.y) - r.extent_h;
-  const int region_x = static_cast<int>(first_centre.x) - r.extent_w;
+  const RegionOrigin origin = region_origin(p, r, tp.y0, tp.x0);
+  const int region_y = origin.y, region_x = origin.x;
   const float scale = static_cast<float>(p.offset_scale);
   if constexpr (kStaged) {
     stage_region<LANES>(region, value + image_offset + channel0, r.rows, r.cols, region_y, region_x, H, W, C);

@@ -201,6 +201,18 @@ inline TileRegion tile_region(const DCNv4Params& p, int tile, int margin) {
   return r;
 }
 
+// The input pixel of region cell 0 of the tile whose first output pixel is (y0, x0); `r` a TileRegion or a
+// struct with its extents.
+struct RegionOrigin {
+  int y, x;
+};
+
+template <typename Region>
+__device__ __forceinline__ RegionOrigin region_origin(const DCNv4Params& p, const Region& r, int y0, int x0) {
+  const auto first_centre = window_centre<float>(p, y0, x0);
+  return {static_cast<int>(first_centre.y) - r.extent_h, static_cast<int>(first_centre.x) - r.extent_w};
+}
+
 // Copies 16 bytes from global to shared memory without passing through registers, or writes 16 zeros
 // when `valid` is false (the source is then not read).
 __device__ __forceinline__ void copy_16_or_zeros(void* shared, const void* global, bool valid) {

@@ -350,9 +350,8 @@ __global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
   const int tile_y = blockIdx.x / t.tiles_x, tile_x = blockIdx.x - tile_y * t.tiles_x;
   const int first_group = blockIdx.y * t.group_span;
   const scalar_t* image = value + static_cast<int64_t>(blockIdx.z) * H * W * C;
-  const auto first_centre = window_centre<float>(p, tile_y * kStagedTile, tile_x * kStagedTile);
-  const int region_y = static_cast<int>(first_centre.y) - r.extent_h;
-  const int region_x = static_cast<int>(first_centre.x) - r.extent_w;
+  const RegionOrigin origin = region_origin(p, r, tile_y * kStagedTile, tile_x * kStagedTile);
+  const int region_y = origin.y, region_x = origin.x;
 
   stage_region<kStagedColumns>(region, image + first_group * D, r.rows, r.cols, region_y, region_x, H, W, C);
   wait_copies();
