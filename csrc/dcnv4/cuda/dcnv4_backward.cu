@@ -297,7 +297,7 @@ template <int LANES>
 constexpr bool sorted_gathers_offset_gradients() { return LANES == 2; }
 
 // Shared memory a block may take without opting in to more.
-constexpr size_t kSortedSharedLimit = 48 * 1024;
+constexpr size_t kSortedSharedLimit = 48 * 1024 - 256;  // less the kernel's static arrays (bucket, warp_offset)
 
 template <typename scalar_t, int LANES, bool kStaged>
 size_t sorted_shared_bytes(const DCNv4Params& p, int cells) {
@@ -306,8 +306,16 @@ size_t sorted_shared_bytes(const DCNv4Params& p, int cells) {
          + sizeof(float) * kSortedPixels * sorted_tile_row(p.group_channels)  // the tile's grad_output, fp32
          + sizeof(scalar_t) * offset_gradients                              // the tile's offset gradients
          + sizeof(int2) * kSortedEntries                                    // key and weight, then sorted
-         + sizeof(int) * (cells + 1);                                       // per-cell counts, then starts
+         + sizeof(int) * (cells + 1)                                        // per-cell counts, then starts
+         + (kStaged ? 0 : sizeof(unsigned short) * cells);                  // cells by count (else in the region)
 }
+
+// Phase 4 takes the cells in order of decreasing entry count, so that the threads of a warp loop over
+// about as many entries each: in cell order a warp ran a region row's cells, from its edge (few entries)
+// to its middle (many), with 12 of 32 threads active on average in the loop (ncu at T224 s2 fp16 and
+// T224 s1 fp32). A counting sort on min(count, kSortedBuckets - 1) orders them; empty cells come last.
+constexpr int kSortedBuckets = 32;
+__device__ __forceinline__ int count_bucket(int count) { return kSortedBuckets - 1 - min(count, kSortedBuckets - 1); }
 
 // 64 registers at most (16 / LANES blocks of 64 * LANES threads fill the register file): 2 lanes with no
 // bound took 71.
@@ -334,6 +342,10 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   // and weight. One 8-byte record, so that phases 3 and 4 read an entry with one load.
   int2* entry = reinterpret_cast<int2*>(gom_tile + (kGathered ? kSortedPixels * 3 * K : 0));
   int* cell_start = reinterpret_cast<int*>(entry + kSortedEntries);  // counts, then exclusive starts
+  // The cells in phase 4's order, in the staged region once phase 1 is done with it.
+  unsigned short* order = reinterpret_cast<unsigned short*>(kStaged ? static_cast<void*>(region)
+                                                                    : static_cast<void*>(cell_start + cells + 1));
+  __shared__ int bucket[kSortedBuckets];  // cells per bucket, then its exclusive start, then its end
 
   const int lane = threadIdx.x % LANES, local = threadIdx.x / LANES;
   const int tile_y = blockIdx.x / tiles_x, tile_x = blockIdx.x - tile_y * tiles_x;
@@ -380,6 +392,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
         make_float4(gv[e], gv[e + 1], gv[e + 2], gv[e + 3]);
   }
   for (int i = threadIdx.x; i <= cells; i += kThreads) cell_start[i] = 0;
+  if (threadIdx.x < kSortedBuckets) bucket[threadIdx.x] = 0;
   if constexpr (kStaged) wait_copies();
   __syncthreads();
 
@@ -391,7 +404,11 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int cell_row = r.cols * kCellBytes;
   constexpr int kRounds = (9 + LANES - 1) / LANES;
   const bool warp_active = __any_sync(0xffffffffu, active);  // else its entries are not read (phase 3)
-#pragma unroll
+  // At 2 lanes (5 rounds) the rounds stay a loop: unrolled, phase 1 was 3400 instructions, and a third of
+  // its stall samples were instruction fetches (ncu at T224 s2 fp16); as a loop the backward kernel took
+  // 234 instead of 267 us there (T224 s1 fp16 414 instead of 442). At 4 and 8 lanes (3 and 2 rounds)
+  // the loop was 1-2 % slower.
+#pragma unroll(LANES == 2 ? 1 : kRounds)
   for (int round = 0; round < kRounds; ++round) {
     if (!warp_active) break;
     const int first = round * LANES;
@@ -471,13 +488,25 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   }
   if (active && lane == 0 && g == p.group - 1) zero_offset_padding(grad_offset_mask + om_pixel, p);
   __syncthreads();
-  if constexpr (kGathered) {  // the tile's offset gradients, consecutive threads on a pixel's consecutive values
-    const int per_pixel = 3 * K;
-    for (int e = threadIdx.x; e < kSortedPixels * per_pixel; e += kThreads) {
-      const int pixel = e / per_pixel, c = e - pixel * per_pixel;
-      if (pixel < tp.count) {
-        const int y = tp.y0 + pixel / tp.cols, x = tp.x0 + pixel % tp.cols;
-        grad_offset_mask[(out_image + y * p.out_width + x) * p.om_channels + g * per_pixel + c] = gom_tile[e];
+  if constexpr (kGathered) {
+    // The tile's offset gradients: a warp writes a pixel's 3 * K <= 27 values (consecutive in memory) at a
+    // time, the warps kWarps pixels apart, each pixel's row and column advanced by additions. (A thread per
+    // value, with two divisions each to find its pixel and place, was 19 % of the kernel's instructions;
+    // ncu at T224 s2 fp16.) Offsets within an image fit in 32 bits (check_image_fits).
+    constexpr int kWarps = kThreads / 32;
+    const int per_pixel = 3 * K, warp_lane = threadIdx.x % 32;
+    const int om_channels = static_cast<int>(p.om_channels), out_width = static_cast<int>(p.out_width);
+    scalar_t* image_gom = grad_offset_mask + out_image * p.om_channels + g * per_pixel + warp_lane;
+    const int step_rows = kWarps / tp.cols, step_cols = kWarps - step_rows * tp.cols, end_x = tp.x0 + tp.cols;
+    int pixel = threadIdx.x / 32;
+    int y = tp.y0 + pixel / tp.cols, x = tp.x0 + pixel % tp.cols;
+    for (; pixel < tp.count; pixel += kWarps) {
+      if (warp_lane < per_pixel) image_gom[(y * out_width + x) * om_channels] = gom_tile[pixel * per_pixel + warp_lane];
+      y += step_rows;
+      x += step_cols;
+      if (x >= end_x) {
+        x -= tp.cols;
+        ++y;
       }
     }
   }
@@ -512,6 +541,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
       const int count = cell_start[i];
       cell_start[i] = run;
       run += count;
+      atomicAdd(bucket + count_bucket(count), 1);
     }
     if (threadIdx.x == kThreads - 1) cell_start[cells] = run;
   }
@@ -530,6 +560,15 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
       const int e = threadIdx.x + j * kThreads;
       record[j] = recorded && e < entries ? entry[e] : make_int2(-1, 0);
     }
+    if (threadIdx.x < 32) {  // exclusive starts of the buckets
+      const int count = bucket[threadIdx.x];
+      int inclusive = count;
+      for (int o = 1; o < 32; o *= 2) {
+        const int t = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (threadIdx.x >= o) inclusive += t;
+      }
+      bucket[threadIdx.x] = inclusive - count;
+    }
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
@@ -539,16 +578,19 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
         entry[place] = make_int2((key >> kSortedSlotBits & ((1 << kSortedPixelBits) - 1)) * kRow, record[j].y);
       }
     }
+    for (int cell = threadIdx.x; cell < cells; cell += kThreads) {
+      order[atomicAdd(bucket + count_bucket(cell_start[cell + 1] - cell_start[cell]), 1)] = cell;
+    }
   }
   __syncthreads();
 
   // Phase 4: per cell, threads of 8 channels each sum its entries' grad_output (from the tile in shared
   // memory) and add the sum to the value gradient once.
   constexpr int kChunks = D / 8;
-  for (int item = threadIdx.x; item < cells * kChunks; item += kThreads) {
-    const int cell = item / kChunks, ch = (item % kChunks) * 8;
+  const int filled = bucket[kSortedBuckets - 2];  // cells with entries: the end of the last bucket but one
+  for (int item = threadIdx.x; item < filled * kChunks; item += kThreads) {
+    const int cell = order[item / kChunks], ch = (item % kChunks) * 8;
     const int begin = cell_start[cell], end = cell_start[cell + 1];
-    if (begin == end) continue;
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.f;

@@ -215,9 +215,9 @@ __device__ __forceinline__ RegionOrigin region_origin(const DCNv4Params& p, cons
 
 // Copies 16 bytes from global to shared memory without passing through registers, or writes 16 zeros
 // when `valid` is false (the source is then not read).
-__device__ __forceinline__ void copy_16_or_zeros(void* shared, const void* global, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
+__device__ __forceinline__ void copy_16_or_zeros(unsigned shared_address, const void* global, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address), "l"(global),
+               "r"(valid ? 16 : 0));
 }
 
 __device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_all;\n" ::); }
@@ -237,19 +237,25 @@ __device__ __forceinline__ void stage_region(uint4* region, const scalar_t* sour
   const int column = threadIdx.x % kColumns, cell_step = blockDim.x / kColumns;
   const int step_rows = cell_step / cols, step_cols = cell_step - step_rows * cols;
   int cell = threadIdx.x / kColumns;
-  int row = cell / cols, col = cell - row * cols;
+  int h = cell / cols, w = cell - h * cols;  // the cell's pixel, from the region's first one
+  h += region_y;
+  w += region_x;
+  const int last_w = region_x + cols;
   source += column * (16 / sizeof(scalar_t));
+  // 32-bit offsets and shared addresses: an image has fewer than 2^31 elements (check_image_fits).
+  unsigned target = static_cast<unsigned>(__cvta_generic_to_shared(region + cell * kColumns + column));
+  const unsigned target_step = cell_step * kColumns * sizeof(uint4);
 #pragma unroll 1
-  for (; cell < cells; cell += cell_step) {
-    const int h = region_y + row, w = region_x + col;
+  for (; cell < cells; cell += cell_step, target += target_step) {
     const bool inside =
         static_cast<unsigned>(h) < static_cast<unsigned>(H) && static_cast<unsigned>(w) < static_cast<unsigned>(W);
-    copy_16_or_zeros(region + cell * kColumns + column, inside ? source + (h * W + w) * C : source, inside);
-    row += step_rows;
-    col += step_cols;
-    if (col >= cols) {
-      col -= cols;
-      ++row;
+    const unsigned offset = static_cast<unsigned>(inside ? h * W + w : 0) * static_cast<unsigned>(C);
+    copy_16_or_zeros(target, source + offset, inside);
+    h += step_rows;
+    w += step_cols;
+    if (w >= last_w) {
+      w -= cols;
+      ++h;
     }
   }
 }

@@ -357,10 +357,13 @@ __global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
   wait_copies();
   __syncthreads();
 
-  // lane, group, then pixel; pixel i of warp w at row (w / 2) * 2 + i / 4, column (w % 2) * 4 + i % 4.
-  const int lane = threadIdx.x % t.lanes;
-  const int pixel_group = threadIdx.x / t.lanes;
-  const int local = pixel_group / t.group_span, g = first_group + pixel_group % t.group_span;
+  // lane, group, then pixel; pixel i of warp w at row (w / 2) * 2 + i / 4, column (w % 2) * 4 + i % 4. A
+  // pixel's kThreadsPerPixel threads are t.lanes (1, 2 or 4) threads for each of t.group_span groups: shifts
+  // and masks instead of divisions by run-time values.
+  constexpr int kThreadsPerPixel = kStagedRowBytes / 32;  // t.lanes * t.group_span
+  const int pixel_thread = threadIdx.x % kThreadsPerPixel, lanes_log2 = t.lanes >> 1;
+  const int lane = pixel_thread & (t.lanes - 1);
+  const int local = threadIdx.x / kThreadsPerPixel, g = first_group + (pixel_thread >> lanes_log2);
   const int warp = local / 8, in_warp = local % 8;
   const int yo = tile_y * kStagedTile + (warp / 2) * 2 + in_warp / 4;
   const int xo = tile_x * kStagedTile + (warp % 2) * 4 + in_warp % 4;
