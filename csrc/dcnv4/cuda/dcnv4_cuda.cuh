@@ -213,8 +213,8 @@ __device__ __forceinline__ RegionOrigin region_origin(const DCNv4Params& p, cons
   return {static_cast<int>(first_centre.y) - r.extent_h, static_cast<int>(first_centre.x) - r.extent_w};
 }
 
-// Copies 16 bytes from global to shared memory without passing through registers, or writes 16 zeros
-// when `valid` is false (the source is then not read).
+// Copies 16 bytes from global memory to the shared-memory address `shared_address` without passing through
+// registers, or writes 16 zeros there when `valid` is false (the source is then not read).
 __device__ __forceinline__ void copy_16_or_zeros(unsigned shared_address, const void* global, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address), "l"(global),
                "r"(valid ? 16 : 0));
@@ -240,7 +240,7 @@ __device__ __forceinline__ void stage_region(uint4* region, const scalar_t* sour
   int h = cell / cols, w = cell - h * cols;  // the cell's pixel, from the region's first one
   h += region_y;
   w += region_x;
-  const int last_w = region_x + cols;
+  const int end_w = region_x + cols;  // one past the region's last column
   source += column * (16 / sizeof(scalar_t));
   // 32-bit offsets and shared addresses: an image has fewer than 2^31 elements (check_image_fits).
   unsigned target = static_cast<unsigned>(__cvta_generic_to_shared(region + cell * kColumns + column));
@@ -253,7 +253,7 @@ __device__ __forceinline__ void stage_region(uint4* region, const scalar_t* sour
     copy_16_or_zeros(target, source + offset, inside);
     h += step_rows;
     w += step_cols;
-    if (w >= last_w) {
+    if (w >= end_w) {
       w -= cols;
       ++h;
     }
