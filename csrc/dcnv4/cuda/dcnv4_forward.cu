@@ -334,11 +334,13 @@ constexpr int kStagedRowBytes = 128;  // a region pixel: the block's groups' cha
 constexpr int kStagedColumns = kStagedRowBytes / 16;
 constexpr int kStagedMargin = 3;      // learned offsets (before offset_scale) up to this many pixels
 constexpr int kStagedMaxCells = 384;  // 48 KB of shared memory
+constexpr int kStagedThreadsPerPixel = kStagedRowBytes / 32;  // two 16-byte vectors a thread
+constexpr int kStagedThreads = kStagedTile * kStagedTile * kStagedThreadsPerPixel;
 
 // Two 16-byte vectors a thread: 4 threads a (pixel, 128-byte row), 8 pixels a warp, as 4 x 2 pixels so
 // that maps 4 pixels wide (T224 s2's 28, ...) leave no warp half empty.
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
+__global__ void __launch_bounds__(kStagedThreads, 4)
     dcnv4_forward_staged_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                 scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t,
                                 const TileRegion r) {
@@ -358,12 +360,11 @@ __global__ void __launch_bounds__(kStagedTile * kStagedTile * 4, 4)
   __syncthreads();
 
   // lane, group, then pixel; pixel i of warp w at row (w / 2) * 2 + i / 4, column (w % 2) * 4 + i % 4. A
-  // pixel's kThreadsPerPixel threads are t.lanes (1, 2 or 4) threads for each of t.group_span groups: shifts
-  // and masks instead of divisions by run-time values.
-  constexpr int kThreadsPerPixel = kStagedRowBytes / 32;  // t.lanes * t.group_span
-  const int pixel_thread = threadIdx.x % kThreadsPerPixel, lanes_log2 = t.lanes >> 1;
+  // pixel's kStagedThreadsPerPixel threads are t.lanes (1, 2 or 4) threads for each of t.group_span groups:
+  // shifts and masks instead of divisions by run-time values.
+  const int pixel_thread = threadIdx.x % kStagedThreadsPerPixel, lanes_log2 = t.lanes >> 1;
   const int lane = pixel_thread & (t.lanes - 1);
-  const int local = threadIdx.x / kThreadsPerPixel, g = first_group + (pixel_thread >> lanes_log2);
+  const int local = threadIdx.x / kStagedThreadsPerPixel, g = first_group + (pixel_thread >> lanes_log2);
   const int warp = local / 8, in_warp = local % 8;
   const int yo = tile_y * kStagedTile + (warp / 2) * 2 + in_warp / 4;
   const int xo = tile_x * kStagedTile + (warp % 2) * 4 + in_warp % 4;
@@ -464,7 +465,7 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (group_bytes / 32);
     const int64_t wave = cuda_buffers::cached_per_device(device, [](int d) {  // blocks with the largest region
       return cuda_buffers::kernel_wave_threads(d, dcnv4_forward_staged_kernel<scalar_t, kV>,
-                                               kStagedTile * kStagedTile * 4, kStagedRowBytes * kStagedMaxCells);
+                                               kStagedThreads, kStagedRowBytes * kStagedMaxCells);
     });
     if (4 * threads < 5 * wave) return false;
     TileShape t;
@@ -474,7 +475,7 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     t.tile_h = t.tile_w = kStagedTile;
     t.tiles_x = static_cast<int>((p.out_width + kStagedTile - 1) / kStagedTile);
     t.tiles = t.tiles_x * static_cast<int>((p.out_height + kStagedTile - 1) / kStagedTile);
-    t.threads = kStagedTile * kStagedTile * 4;
+    t.threads = kStagedThreads;
     const size_t shared = static_cast<size_t>(kStagedRowBytes) * r.rows * r.cols;
     const int64_t out_image = p.out_height * p.out_width;
     for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
