@@ -236,8 +236,8 @@ __device__ __forceinline__ ShuffledPoint shuffle_point(const ShuffledPoint& mine
 // atomics, which bound the plain kernel (L2 at 91 %), by the ratio of corners to region pixels (about 8x
 // at 8 x 8). Shared-memory float atomics are compare-and-swap loops on sm_90, so the block instead sorts
 // its corners by region pixel (a counting sort: one native integer shared atomic per corner, not per
-// channel); then the threads of a region pixel (8 channels each) sum its corners' contributions in
-// registers and add them with one 16-byte vector atomic per 4 channels. Corners outside the region
+// channel); then the threads of a region pixel (4 channels each) sum its corners' contributions in
+// registers and add them with one 16-byte vector atomic each. Corners outside the region
 // (offsets beyond the margin) are added directly, as in the plain kernel. The offset and weight
 // gradients are computed as there, with one 16-byte vector a lane (2, 4 or 8 lanes a pixel). With kStaged
 // the block first copies the region's input pixels (the group's channels) into shared memory and phase 1
@@ -282,9 +282,21 @@ __device__ __forceinline__ TilePixels tile_pixels(const DCNv4Params& p, int tile
   return tp;
 }
 
-// A row of the grad_output tile in shared memory: the group's channels and 4 floats of padding, so that
-// rows start on different banks (phase 4 reads the rows of random tile pixels, 16 bytes a thread).
-constexpr int sorted_tile_row(int group_channels) { return group_channels + 4; }
+// Phase 4 reads the grad_output rows of random tile pixels, a 16-byte vector a thread: at 32 channels the 8
+// threads of a quarter warp read one row, 128 bytes, without bank conflicts; at 16 channels they read two
+// rows of 64 bytes, which conflict when both lie in the same half of the banks. So at 16 channels fp32
+// keeps each row twice, in both halves, and the two cells of a quarter warp read different copies
+// (measured on an H200, backward kernel: T224 s2 fp32 244.5 -> 236.8 us, T224 s1 fp32 456.2 -> 443.8,
+// T det s1 fp32 320.1 -> 313.9). fp16/bf16 (2 lanes) do not: their blocks are bound by shared memory,
+// and the copy cost more than it saved (T224 s2 fp16 204.8 -> 216.5 us).
+template <typename scalar_t, int LANES>
+constexpr bool sorted_tile_copies() { return std::is_same_v<scalar_t, float> && LANES == 4; }  // fp32, 16 channels
+
+// A row of the grad_output tile in shared memory: the group's channels, unpadded, once or twice.
+template <typename scalar_t, int LANES>
+constexpr int sorted_tile_row(int group_channels) {
+  return group_channels * (sorted_tile_copies<scalar_t, LANES>() ? 2 : 1);
+}
 
 // With 2 lanes a pixel (fp16/bf16, 16 channels) the tile's offset and weight gradients are gathered in
 // shared memory and written by consecutive threads, a pixel's 3 * K values at a time: written one by one
@@ -302,12 +314,13 @@ constexpr size_t kSortedSharedLimit = 48 * 1024 - 256;  // less the kernel's sta
 template <typename scalar_t, int LANES, bool kStaged>
 size_t sorted_shared_bytes(const DCNv4Params& p, int cells) {
   const size_t offset_gradients = sorted_gathers_offset_gradients<LANES>() ? kSortedPixels * 3 * p.points : 0;
-  return (kStaged ? size_t{16} * LANES * cells : 0)                         // the staged region
-         + sizeof(float) * kSortedPixels * sorted_tile_row(p.group_channels)  // the tile's grad_output, fp32
-         + sizeof(scalar_t) * offset_gradients                              // the tile's offset gradients
-         + sizeof(int2) * kSortedEntries                                    // key and weight, then sorted
-         + sizeof(int) * (cells + 1)                                        // per-cell counts, then starts
-         + (kStaged ? 0 : sizeof(unsigned short) * cells);                  // cells by count (else in the region)
+  const int tile_row = sorted_tile_row<scalar_t, LANES>(p.group_channels);
+  return (kStaged ? size_t{16} * LANES * cells : 0)          // the staged region
+         + sizeof(float) * kSortedPixels * tile_row           // the tile's grad_output, fp32
+         + sizeof(scalar_t) * offset_gradients                // the tile's offset gradients
+         + sizeof(int2) * kSortedEntries                      // key and weight, then sorted
+         + sizeof(int) * (cells + 1)                          // per-cell counts, then starts
+         + (kStaged ? 0 : sizeof(unsigned short) * cells);    // cells by count (else in the region)
 }
 
 // Phase 4 takes the cells in order of decreasing entry count, so that the threads of a warp loop over
@@ -328,7 +341,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   static_assert(LANES == 2 || LANES == 4 || LANES == 8, "lane q records corner q of a point (q mod LANES)");
   constexpr int kThreads = kSortedPixels * LANES;
   constexpr int D = V * LANES;  // one vector a lane (try_backward_sorted)
-  constexpr int kRow = sorted_tile_row(D);
+  constexpr int kRow = sorted_tile_row<scalar_t, LANES>(D);
+  constexpr bool kCopies = sorted_tile_copies<scalar_t, LANES>();
   const int K = p.points;
   const int cells = r.rows * r.cols, entries = kSortedPixels * K * 4;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -390,6 +404,10 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   for (int e = 0; e < V; e += 4) {
     *reinterpret_cast<float4*>(grad_tile + local * kRow + lane * V + e) =
         make_float4(gv[e], gv[e + 1], gv[e + 2], gv[e + 3]);
+    if constexpr (kCopies) {
+      *reinterpret_cast<float4*>(grad_tile + local * kRow + D + lane * V + e) =
+          make_float4(gv[e], gv[e + 1], gv[e + 2], gv[e + 3]);
+    }
   }
   for (int i = threadIdx.x; i <= cells; i += kThreads) cell_start[i] = 0;
   if (threadIdx.x < kSortedBuckets) bucket[threadIdx.x] = 0;
@@ -585,33 +603,37 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   }
   __syncthreads();
 
-  // Phase 4: per cell, threads of 8 channels each sum its entries' grad_output (from the tile in shared
-  // memory) and add the sum to the value gradient once.
-  constexpr int kChunks = D / 8;
+  // Phase 4: per cell, threads of 4 channels each sum its entries' grad_output (from the tile in shared
+  // memory) and add the sum to the value gradient once, with one 16-byte vector atomic. (Items of 8
+  // channels, rows padded by 4 floats: the 8 threads of a quarter warp read 8 vectors of random rows, and
+  // half of the kernel's shared wavefronts were bank conflicts, ncu at T224 s2 fp16. With items of 4,
+  // measured on an H200, backward kernel: T224 s2 fp16 222.5 -> 206.4 us, fp32 266.6 -> 245.0; T224 s1
+  // fp16 402.9 -> 361.4; 64x56x56x128 fp32 791.1 -> 744.9; value gradients within a relative 7.4e-8 in
+  // fp32, 5.1e-6 in fp16, offset gradients bit-identical.)
+  constexpr int kItem = 4;
+  constexpr int kChunks = D / kItem;
+  // With two copies (sorted_tile_copies), the 4 threads of a cell read the copy that the other cell of
+  // their quarter warp does not.
+  const int copy = kCopies ? (threadIdx.x / kChunks & 1) * D : 0;
   const int filled = bucket[kSortedBuckets - 2];  // cells with entries: the end of the last bucket but one
   for (int item = threadIdx.x; item < filled * kChunks; item += kThreads) {
-    const int cell = order[item / kChunks], ch = (item % kChunks) * 8;
+    const int cell = order[item / kChunks], ch = (item % kChunks) * kItem;
     const int begin = cell_start[cell], end = cell_start[cell + 1];
-    float acc[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    const float* column = grad_tile + copy + ch;  // the item's channels in row 0 of the tile
+    float acc[kItem] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
     for (int i = begin; i < end; ++i) {
       const int2 sorted = entry[i];
       const float wgt = __int_as_float(sorted.y);
-      const float* row = grad_tile + sorted.x + ch;
-#pragma unroll
-      for (int e = 0; e < 8; e += 4) {
-        const float4 gv = *reinterpret_cast<const float4*>(row + e);
-        acc[e] += wgt * gv.x;
-        acc[e + 1] += wgt * gv.y;
-        acc[e + 2] += wgt * gv.z;
-        acc[e + 3] += wgt * gv.w;
-      }
+      const float4 gv = *reinterpret_cast<const float4*>(column + sorted.x);
+      acc[0] += wgt * gv.x;
+      acc[1] += wgt * gv.y;
+      acc[2] += wgt * gv.z;
+      acc[3] += wgt * gv.w;
     }
     const int row = static_cast<int>(static_cast<unsigned>(cell) * r.cols_magic >> kSortedRowShift);
     const int h = region_y + row, w = region_x + cell - row * r.cols;
-    accumulate.template add<8>(image_offset + (static_cast<int64_t>(h) * W + w) * C + channel0 + ch, acc);
+    accumulate.template add<kItem>(image_offset + (static_cast<int64_t>(h) * W + w) * C + channel0 + ch, acc);
   }
 }
 

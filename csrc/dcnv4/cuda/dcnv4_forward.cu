@@ -393,12 +393,19 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   for (int k = 0; k < 9; ++k) {
     if (k >= K) break;
     const SamplePoint sp = sample_point<3, 3>(p, om, centre, k);
-    const PointCorners<float> pc = point_corners<float>(sp.y, sp.x, sp.m, H, W);
-    nan_point |= pc.inside == kNanPoint;
-    if (pc.inside == 0 || pc.inside == kNanPoint) continue;  // contributes nothing
-    const int cy = static_cast<int>(floorf(sp.y)) - region_y, cx = static_cast<int>(floorf(sp.x)) - region_x;
-    if (static_cast<unsigned>(cy) < static_cast<unsigned>(r.rows - 1) &&
+    // A point inside the region needs only its cell and its weights: the region holds zeros outside the
+    // image, so the per-corner inside-the-image flags and the flat image index of point_corners are left to
+    // the points past the margin. (With them, the staged forward issued about 234 instructions a point
+    // and thread at fp16 with 32 channels, ncu at 64x28x28x256; without, measured on an H200, outputs equal
+    // bit for bit: that row 0.0949 -> 0.0884 ms, bf16 0.0946 -> 0.0849, T224 s2 fp16 0.0525 -> 0.0493.)
+    const float fy = floorf(sp.y), fx = floorf(sp.x);
+    const int cy = static_cast<int>(fy) - region_y, cx = static_cast<int>(fx) - region_x;
+    const bool used = sp.y > -1.f && sp.y < static_cast<float>(H) && sp.x > -1.f && sp.x < static_cast<float>(W);
+    if (used && static_cast<unsigned>(cy) < static_cast<unsigned>(r.rows - 1) &&
         static_cast<unsigned>(cx) < static_cast<unsigned>(r.cols - 1)) {
+      // The weights of point_corners, by the same expressions (the output is that of the other kernels).
+      const float ly = sp.y - fy, lx = sp.x - fx, hy = 1.f - ly, hx = 1.f - lx;
+      const float weight[4] = {sp.m * (hy * hx), sp.m * (hy * lx), sp.m * (ly * hx), sp.m * (ly * lx)};
       const char* top = mine + (cy * r.cols + cx) * kStagedRowBytes;
       const char* bottom = top + cell_row;
       const char* corners[4] = {top, top + kStagedRowBytes, bottom, bottom + kStagedRowBytes};
@@ -411,9 +418,10 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
 #pragma unroll
-        for (int u = 0; u < NV; ++u) add_weighted(loaded[q][u], pc.weight[q], acc + u * V);
+        for (int u = 0; u < NV; ++u) add_weighted(loaded[q][u], weight[q], acc + u * V);
       }
-    } else {  // an offset past the margin: the corners from the image, through L1
+    } else if (used) {  // an offset past the margin: the corners from the image, through L1
+      const PointCorners<float> pc = point_corners<float>(sp.y, sp.x, sp.m, H, W);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         if (!(pc.inside >> q & 1)) continue;
@@ -423,6 +431,8 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
           add_weighted(load_vec<scalar_t, V>(lane_image + offset + (u ^ flip) * V), pc.weight[q], acc + u * V);
         }
       }
+    } else {  // outside the image (contributes nothing), or NaN (poisons the pixel), as in point_corners
+      nan_point |= isnan(sp.x) || isnan(sp.y);
     }
   }
   if (nan_point) {
