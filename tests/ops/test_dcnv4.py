@@ -555,6 +555,37 @@ def test_cuda_staged_forward(name, dtype, d, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize('dtype,d', [(torch.float32, 16), (torch.float16, 16), (torch.bfloat16, 32)],
+                         ids=lambda v: str(v).replace('torch.', ''))
+def test_cuda_staged_forward_non_finite(dtype, d, rng):
+    """Inf, -Inf and NaN in the image and a NaN offset, on a map that takes the staged forward (kernel name
+    checked): NaN and Inf land where the float64 reference has them (Inf with its sign; a zero bilinear
+    weight times an Inf is NaN), and the other outputs match it."""
+    g = 256 // (d * torch.finfo(dtype).bits // 8)
+    n = -(-(1 << 20) // (34 * 38 * 8))
+    value, om = make_inputs(rng, n, 34, 38, g, d, offset_std=1.0, dtype=torch.float32)
+    for i in (0, n - 1):
+        value[i, 10, 12, 3] = float('inf')
+        value[i, 20, 25, d + 5] = float('-inf')
+        value[i, 15, 30, 2 * d + 1] = float('nan')
+        om[i, 25, 8, 3 * 9 + 2] = float('nan')  # group 1, point 1, x offset
+    value, om = value.cuda().to(dtype), om.cuda().to(dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = dcnv4(value, om, group=g)
+        torch.cuda.synchronize()
+    assert any('dcnv4_forward_staged_kernel' in e.name for e in prof.events())
+    for i in (0, n - 1):
+        got = out[i:i + 1].double()
+        ref = dcnv4_reference(value[i:i + 1].double(), om[i:i + 1].double(), group=g)
+        assert torch.isnan(got).any() and torch.isinf(got).any()
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        assert torch.equal(got[torch.isinf(got)], ref[torch.isinf(ref)])
+        finite = torch.isfinite(ref)
+        assert rel_err(got[finite], ref[finite]) < TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
 def test_cuda_graph_capture_backward(rng):
     """Forward and backward captured in a CUDA graph (the backward allocates and zero-fills its buffers on
     the stream) and replayed on fresh inputs into poisoned gradients."""
