@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "common/cuda_buffers.cuh"
+
 namespace mmdcnv4 {
 namespace cuda_tma {
 
@@ -25,13 +27,20 @@ struct alignas(64) RegionMap {
 #endif
 
 // The descriptor of boxes of `box_channels` x `cols` x `rows` elements (channels, then pixels of a row, then
-// rows) of an N x H x W x C tensor of `element_bytes`-byte elements at `data`. False when the driver has no
-// tensor maps or refuses this one (the caller copies another way).
-inline bool encode_region_map(RegionMap* map, const void* data, int element_bytes, int64_t N, int64_t H,
-                              int64_t W, int64_t C, int box_channels, int cols, int rows) {
+// rows) of an N x H x W x C tensor of `element_bytes`-byte elements at `data`, for the GPU `device`. False
+// when the GPU has no copy engine (before sm_90) or the driver no tensor maps or refuses this one (the caller
+// copies another way).
+inline bool encode_region_map(RegionMap* map, int device, const void* data, int element_bytes, int64_t N,
+                              int64_t H, int64_t W, int64_t C, int box_channels, int cols, int rows) {
 #ifndef MMDCNV4_TENSOR_MAPS
   return false;
 #else
+  const bool has_copy_engine = cuda_buffers::cached_per_device(device, [](int d) {
+                                 int major = 0;
+                                 C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d));
+                                 return int64_t{major >= 9 ? 2 : 1};  // nonzero: the cache's "unknown" is 0
+                               }) == 2;
+  if (!has_copy_engine) return false;
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};

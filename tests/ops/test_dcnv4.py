@@ -522,6 +522,12 @@ STAGED_WIDTHS = [(torch.float16, 16), (torch.float16, 32), (torch.float16, 64), 
 STAGED_CASES = sorted(name for name in SORTED_CASES if name not in ('stride_2', 'small_ragged_map'))
 
 
+def staged_batch(ho, wo):
+    """Images of ho x wo outputs that make about 1M threads (8 a pixel), several waves of an H200: enough
+    for the staged forward."""
+    return -(-(1 << 20) // (ho * wo * 8))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize('dtype,d', STAGED_WIDTHS, ids=lambda v: str(v).replace('torch.', ''))
 @pytest.mark.parametrize('name', STAGED_CASES)
@@ -533,7 +539,7 @@ def test_cuda_staged_forward(name, dtype, d, rng):
     border, and maps that are not a multiple of the tile; every element written (allocator poisoned)."""
     stride, dil, scale, rc, offset_std, (ho, wo) = SORTED_CASES[name]
     g = 256 // (d * torch.finfo(dtype).bits // 8)  # two 128-byte rows of groups
-    n = -(-(1 << 20) // (ho * wo * 8))  # about 1M threads (8 a pixel), several waves of an H200
+    n = staged_batch(ho, wo)
     h, w = ho * stride, wo * stride
     value, om = make_inputs(rng, n, h, w, g, d, stride=(stride, stride), pad=(dil, dil), dil=(dil, dil),
                             remove_center=rc, offset_std=offset_std or 1.0, dtype=torch.float32)
@@ -562,7 +568,7 @@ def test_cuda_staged_forward_non_finite(dtype, d, rng):
     checked): NaN and Inf land where the float64 reference has them (Inf with its sign; a zero bilinear
     weight times an Inf is NaN), and the other outputs match it."""
     g = 256 // (d * torch.finfo(dtype).bits // 8)
-    n = -(-(1 << 20) // (34 * 38 * 8))
+    n = staged_batch(34, 38)
     value, om = make_inputs(rng, n, 34, 38, g, d, offset_std=1.0, dtype=torch.float32)
     for i in (0, n - 1):
         value[i, 10, 12, 3] = float('inf')

@@ -469,15 +469,6 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   }
 }
 
-// Whether the device has the tensor memory accelerator (sm_90 and later).
-inline bool copy_engine_available(int device) {
-  return cuda_buffers::cached_per_device(device, [](int d) {
-           int major = 0;
-           C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d));
-           return int64_t{major >= 9 ? 2 : 1};  // nonzero: the cache's "unknown" is 0
-         }) == 2;
-}
-
 // Runs the staged forward when it applies and pays: a 3x3 kernel; fp32, fp16 or bf16; a group of 32, 64
 // or 128 bytes (two 16-byte vectors a thread, 1 to 4 threads a group) whose 128-byte rows of groups
 // divide the channels; 16-byte aligned tensors; a region of at most kStagedMaxCells pixels; an output map
@@ -524,10 +515,9 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     // On sm_90 the copy engine stages each region (one descriptor for the whole batch); elsewhere, or if the
     // driver refuses the descriptor, the block's threads copy it (stage_region).
     cuda_tma::RegionMap region_map{};
-    const bool copy_engine = copy_engine_available(device) &&
-                             cuda_tma::encode_region_map(&region_map, value, sizeof(scalar_t), p.batch, p.height,
-                                                         p.width, p.channels, kStagedRowBytes / sizeof(scalar_t),
-                                                         r.cols, r.rows);
+    const bool copy_engine =
+        cuda_tma::encode_region_map(&region_map, device, value, sizeof(scalar_t), p.batch, p.height, p.width,
+                                    p.channels, kStagedRowBytes / sizeof(scalar_t), r.cols, r.rows);
     for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
       const dim3 grid = tile_grid(t, p, count);
       dcnv4_forward_staged_kernel<scalar_t, kV><<<grid, t.threads, shared, stream>>>(
