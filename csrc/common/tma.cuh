@@ -71,14 +71,12 @@ inline bool encode_region_map(RegionMap* map, int device, const void* data, int 
 #endif
 }
 
-// The block copies the box at (channel, x, y, image) of `map` (negative or past the edge: zeros) to `shared`
-// (128-byte aligned), `bytes` in all, and waits for it; `barrier` is 8 bytes of shared memory. Every thread
-// of the block calls it (one barrier inside).
-__device__ __forceinline__ void copy_region(void* shared, const RegionMap* map, unsigned long long* barrier,
-                                            int channel, int x, int y, int image, unsigned bytes) {
+// Readies `barrier` (8 bytes of shared memory) for copies of `bytes` in all; every thread of the block calls
+// it (one block barrier inside). Thread 0 then issues the copies (copy_box), and the block waits with
+// wait_region before reading them; in between, the threads can do other work while the copy engine copies.
+__device__ __forceinline__ void arm_barrier(unsigned long long* barrier, unsigned bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(MMDCNV4_TENSOR_MAPS)
   const unsigned bar = static_cast<unsigned>(__cvta_generic_to_shared(barrier));
-  const unsigned target = static_cast<unsigned>(__cvta_generic_to_shared(shared));
   if (threadIdx.x == 0) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copy engine sees the barrier
@@ -86,12 +84,37 @@ __device__ __forceinline__ void copy_region(void* shared, const RegionMap* map, 
   __syncthreads();
   if (threadIdx.x == 0) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
-        "%5}], [%6];\n" ::"r"(target),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(channel), "r"(x), "r"(y), "r"(image), "r"(bar)
-        : "memory");
   }
+#endif
+}
+
+// Thread 0 only: copies the box at (channel, x, y, image) of `map` (negative or past the edge: zeros) to
+// `shared` (128-byte aligned), counted on `barrier` (arm_barrier).
+__device__ __forceinline__ void copy_box(void* shared, const RegionMap* map, unsigned long long* barrier, int channel,
+                                         int x, int y, int image) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(MMDCNV4_TENSOR_MAPS)
+  const unsigned bar = static_cast<unsigned>(__cvta_generic_to_shared(barrier));
+  const unsigned target = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+      "%5}], [%6];\n" ::"r"(target),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(channel), "r"(x), "r"(y), "r"(image), "r"(bar)
+      : "memory");
+#endif
+}
+
+// The block starts a copy of one box (`bytes`) into `shared`: arm_barrier and copy_box. Every thread calls
+// it; then wait_region.
+__device__ __forceinline__ void start_region(void* shared, const RegionMap* map, unsigned long long* barrier,
+                                             int channel, int x, int y, int image, unsigned bytes) {
+  arm_barrier(barrier, bytes);
+  if (threadIdx.x == 0) copy_box(shared, map, barrier, channel, x, y, image);
+}
+
+// Waits until the copies counted on `barrier` (arm_barrier) have landed.
+__device__ __forceinline__ void wait_region(unsigned long long* barrier) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(MMDCNV4_TENSOR_MAPS)
+  const unsigned bar = static_cast<unsigned>(__cvta_generic_to_shared(barrier));
   unsigned done = 0;
   do {
     asm volatile(
@@ -102,6 +125,13 @@ __device__ __forceinline__ void copy_region(void* shared, const RegionMap* map, 
         : "memory");
   } while (!done);
 #endif
+}
+
+// start_region, then wait_region.
+__device__ __forceinline__ void copy_region(void* shared, const RegionMap* map, unsigned long long* barrier,
+                                            int channel, int x, int y, int image, unsigned bytes) {
+  start_region(shared, map, barrier, channel, x, y, image, bytes);
+  wait_region(barrier);
 }
 
 }  // namespace cuda_tma

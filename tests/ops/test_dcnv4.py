@@ -522,6 +522,24 @@ STAGED_WIDTHS = [(torch.float16, 16), (torch.float16, 32), (torch.float16, 64), 
 STAGED_CASES = sorted(name for name in SORTED_CASES if name not in ('stride_2', 'small_ragged_map'))
 
 
+# offset_mask rows of 16-byte multiples (padded, as the DCNv4 layers lay them out) are staged by the copy
+# engine on sm_90 too (kernel `<..., true>`); other rows (the 5 extra channels of make_inputs) are read from
+# global memory (`<..., false>`).
+OFFSET_ROWS = ['padded', 'unpadded']
+
+
+def offsets_extra(rows, group, k):
+    """make_inputs' `extra` channels for `rows`: up to a multiple of 8 channels, or 5."""
+    return -(group * 3 * k) % 8 if rows == 'padded' else 5
+
+
+def staged_kernel_ran(prof, rows):
+    """The staged forward ran, with its offsets staged when the rows are padded (sm_90)."""
+    names = [e.name for e in prof.events() if 'dcnv4_forward_staged_kernel' in e.name]
+    staged = 'true' if rows == 'padded' and torch.cuda.get_device_capability() >= (9, 0) else 'false'
+    return bool(names) and all(re.search(rf'staged_kernel<[^>]*, {staged}>', n) for n in names)
+
+
 def staged_batch(ho, wo):
     """Images of ho x wo outputs that make about 1M threads (8 a pixel), several waves of an H200: enough
     for the staged forward."""
@@ -529,9 +547,10 @@ def staged_batch(ho, wo):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize('rows', OFFSET_ROWS)
 @pytest.mark.parametrize('dtype,d', STAGED_WIDTHS, ids=lambda v: str(v).replace('torch.', ''))
 @pytest.mark.parametrize('name', STAGED_CASES)
-def test_cuda_staged_forward(name, dtype, d, rng):
+def test_cuda_staged_forward(name, dtype, d, rows, rng):
     """A 3x3 fp32/fp16/bf16 forward of 32 to 128 bytes a group over a batch that fills the GPU takes the
     kernel that stages each tile's input region in shared memory (kernel name checked). It equals bit for
     bit the per-image calls, too small for it, and matches the float64 reference, with offsets past the
@@ -542,7 +561,8 @@ def test_cuda_staged_forward(name, dtype, d, rng):
     n = staged_batch(ho, wo)
     h, w = ho * stride, wo * stride
     value, om = make_inputs(rng, n, h, w, g, d, stride=(stride, stride), pad=(dil, dil), dil=(dil, dil),
-                            remove_center=rc, offset_std=offset_std or 1.0, dtype=torch.float32)
+                            remove_center=rc, offset_std=offset_std or 1.0, dtype=torch.float32,
+                            extra=offsets_extra(rows, g, 9 - int(rc)))
     if offset_std is None:
         om = piled_up_offsets(om, g, 9 - int(rc), h, w, rng)
     value, om = value.cuda().to(dtype), om.cuda().to(dtype)
@@ -551,7 +571,7 @@ def test_cuda_staged_forward(name, dtype, d, rng):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = dcnv4(value, om, *args)
         torch.cuda.synchronize()
-    assert any('dcnv4_forward_staged_kernel' in e.name for e in prof.events())
+    assert staged_kernel_ran(prof, rows)
     assert out.shape[1:3] == (ho, wo)
     for i in (0, n // 2, n - 1):
         assert torch.equal(out[i:i + 1], dcnv4(value[i:i + 1], om[i:i + 1], *args))
@@ -561,15 +581,16 @@ def test_cuda_staged_forward(name, dtype, d, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize('rows', OFFSET_ROWS)
 @pytest.mark.parametrize('dtype,d', [(torch.float32, 16), (torch.float16, 16), (torch.bfloat16, 32)],
                          ids=lambda v: str(v).replace('torch.', ''))
-def test_cuda_staged_forward_non_finite(dtype, d, rng):
+def test_cuda_staged_forward_non_finite(dtype, d, rows, rng):
     """Inf, -Inf and NaN in the image and a NaN offset, on a map that takes the staged forward (kernel name
     checked): NaN and Inf land where the float64 reference has them (Inf with its sign; a zero bilinear
     weight times an Inf is NaN), and the other outputs match it."""
     g = 256 // (d * torch.finfo(dtype).bits // 8)
     n = staged_batch(34, 38)
-    value, om = make_inputs(rng, n, 34, 38, g, d, offset_std=1.0, dtype=torch.float32)
+    value, om = make_inputs(rng, n, 34, 38, g, d, offset_std=1.0, dtype=torch.float32, extra=offsets_extra(rows, g, 9))
     for i in (0, n - 1):
         value[i, 10, 12, 3] = float('inf')
         value[i, 20, 25, d + 5] = float('-inf')
@@ -579,7 +600,7 @@ def test_cuda_staged_forward_non_finite(dtype, d, rng):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = dcnv4(value, om, group=g)
         torch.cuda.synchronize()
-    assert any('dcnv4_forward_staged_kernel' in e.name for e in prof.events())
+    assert staged_kernel_ran(prof, rows)
     for i in (0, n - 1):
         got = out[i:i + 1].double()
         ref = dcnv4_reference(value[i:i + 1].double(), om[i:i + 1].double(), group=g)

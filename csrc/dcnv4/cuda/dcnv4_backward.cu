@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "common/cuda_buffers.cuh"
+#include "common/tma.cuh"
 #include "dcnv4/cuda/dcnv4_cuda.cuh"
 #include "dcnv4/dcnv4_host.h"
 
@@ -242,7 +243,10 @@ __device__ __forceinline__ ShuffledPoint shuffle_point(const ShuffledPoint& mine
 // gradients are computed as there, with one 16-byte vector a lane (2, 4 or 8 lanes a pixel). With kStaged
 // the block first copies the region's input pixels (the group's channels) into shared memory and phase 1
 // gathers its corners from there, as the staged forward does (measured on an H200, backward kernel:
-// T det s1 fp16 331 -> 303 us, T224 s1 fp16 467 -> 442, 64x56x56x128 bf16 577 -> 555).
+// T det s1 fp16 331 -> 303 us, T224 s1 fp16 467 -> 442, 64x56x56x128 bf16 577 -> 555). On sm_90 the copy
+// engine copies the region while the threads fill the grad_output tile (backward op on an H200, gradients of
+// the offsets equal bit for bit: T224 s2 fp32 0.2500 -> 0.2431 ms, 64x28x28x256 bf16 0.3300 -> 0.3193; no
+// row slower beyond noise).
 constexpr int kSortedTile = 8;  // tile side, in output pixels
 constexpr int kSortedPixels = kSortedTile * kSortedTile;
 constexpr int kSortedMargin = 3;  // learned offsets (before offset_scale) up to this many pixels
@@ -337,7 +341,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     dcnv4_backward_sorted_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
                                  const FloatAtomicAdd<float> accumulate, const DCNv4Params p, const SortedRegion r,
-                                 const int tiles_x) {
+                                 const int tiles_x, const __grid_constant__ cuda_tma::RegionMap region_map,
+                                 const bool copy_engine, const int first_image) {
   static_assert(LANES == 2 || LANES == 4 || LANES == 8, "lane q records corner q of a point (q mod LANES)");
   constexpr int kThreads = kSortedPixels * LANES;
   constexpr int D = V * LANES;  // one vector a lane (try_backward_sorted)
@@ -345,7 +350,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   constexpr bool kCopies = sorted_tile_copies<scalar_t, LANES>();
   const int K = p.points;
   const int cells = r.rows * r.cols, entries = kSortedPixels * K * 4;
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  extern __shared__ __align__(128) unsigned char shared_bytes[];  // 128: the copy engine's alignment
   constexpr bool kGathered = sorted_gathers_offset_gradients<LANES>();
   constexpr int kCellBytes = 16 * LANES;  // a region pixel's channels of the group: a vector a lane
   uint4* region = reinterpret_cast<uint4*>(shared_bytes);  // [cell][lane], if kStaged
@@ -360,6 +365,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   unsigned short* order = reinterpret_cast<unsigned short*>(kStaged ? static_cast<void*>(region)
                                                                     : static_cast<void*>(cell_start + cells + 1));
   __shared__ int bucket[kSortedBuckets];  // cells per bucket, then its exclusive start, then its end
+  __shared__ unsigned long long copy_barrier;  // the copy engine's, if kStaged
 
   const int lane = threadIdx.x % LANES, local = threadIdx.x / LANES;
   const int tile_y = blockIdx.x / tiles_x, tile_x = blockIdx.x - tile_y * tiles_x;
@@ -388,8 +394,15 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const RegionOrigin origin = region_origin(p, r, tp.y0, tp.x0);
   const int region_y = origin.y, region_x = origin.x;
   const float scale = static_cast<float>(p.offset_scale);
+  // With the copy engine (sm_90), the region lands while the threads fill the grad_output tile below.
+  const bool engine = kStaged && copy_engine && (__cvta_generic_to_shared(region) & 127) == 0;
   if constexpr (kStaged) {
-    stage_region<LANES>(region, value + image_offset + channel0, r.rows, r.cols, region_y, region_x, H, W, C);
+    if (engine) {
+      cuda_tma::start_region(region, &region_map, &copy_barrier, channel0, region_x, region_y, first_image + n,
+                             cells * kCellBytes);
+    } else {
+      stage_region<LANES>(region, value + image_offset + channel0, r.rows, r.cols, region_y, region_x, H, W, C);
+    }
   }
 
   // The lane's grad_output vector: in registers for phase 1, in shared memory (the tile's) for phase 4.
@@ -411,7 +424,13 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   }
   for (int i = threadIdx.x; i <= cells; i += kThreads) cell_start[i] = 0;
   if (threadIdx.x < kSortedBuckets) bucket[threadIdx.x] = 0;
-  if constexpr (kStaged) wait_copies();
+  if constexpr (kStaged) {
+    if (engine) {
+      cuda_tma::wait_region(&copy_barrier);
+    } else {
+      wait_copies();
+    }
+  }
   __syncthreads();
 
   // Phase 1: the plain kernel's per-point work, with each in-region corner recorded instead of added. The
@@ -649,6 +668,16 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   TORCH_INTERNAL_ASSERT(shared <= kSortedSharedLimit, "dcnv4: sorted backward needs ", shared,
                         " bytes of shared memory");
   const int64_t out_image = p.out_height * p.out_width;
+  // With kStaged on sm_90 the copy engine stages each region (one descriptor for the whole batch), as in the
+  // staged forward; elsewhere, or if the driver refuses the descriptor, the block's threads copy it.
+  cuda_tma::RegionMap region_map{};
+  bool copy_engine = false;
+  if constexpr (kStaged) {
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    copy_engine = cuda_tma::encode_region_map(&region_map, device, value, sizeof(scalar_t), p.batch, p.height, p.width,
+                                              p.channels, p.group_channels, r.cols, r.rows);
+  }
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     FloatAtomicAdd<float> slice = accumulate;
     slice.base += first * p.height * p.width * p.channels;
@@ -656,7 +685,7 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
     dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged><<<grid, kSortedPixels * LANES, shared, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         grad_output + first * out_image * p.channels, grad_offset_mask + first * out_image * p.om_channels,
-        slice, p, r, tiles_x);
+        slice, p, r, tiles_x, region_map, copy_engine, static_cast<int>(first));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -344,26 +344,44 @@ void launch_forward_shared(const scalar_t* value, const scalar_t* offset_mask, s
 // for bit. On sm_90 one thread has the copy engine (TMA) copy the whole region: the copy loop had cost every
 // thread 24 instructions per 16 bytes, 12 % of the kernel's instructions and 17 % of its stall samples (ncu,
 // 64x28x28x256 fp16); with the copy engine, outputs equal bit for bit, measured on an H200: that row 0.0914
-// -> 0.0842 ms, T224 s1 fp32 0.1325 -> 0.1215, 64x56x56x128 fp32 0.2125 -> 0.1926 (docs/dcnv4_op.md).
+// -> 0.0842 ms, T224 s1 fp32 0.1325 -> 0.1215, 64x56x56x128 fp32 0.2125 -> 0.1926 (docs/dcnv4_op.md). In
+// the same copy it brings the tile's offsets and weights into shared memory (kStagedOffsets), where the
+// threads read them instead of from global memory: their long-scoreboard waits had been 10 % of the stall
+// samples (ncu, 64x28x28x256 fp16). Measured on an H200, outputs equal bit for bit: T224 s1 fp32 0.1257 ->
+// 0.0878 ms, T det s1 fp32 0.0889 -> 0.0631, T224 s2 fp16 0.0478 -> 0.0444 (docs/dcnv4_op.md).
 constexpr int kStagedTile = 8;        // tile side, in output pixels
 constexpr int kStagedRowBytes = 128;  // a region pixel: the block's groups' channels
 constexpr int kStagedColumns = kStagedRowBytes / 16;
 constexpr int kStagedMargin = 3;      // learned offsets (before offset_scale) up to this many pixels
-constexpr int kStagedBarrierBytes = 16;  // the copy engine's barrier, after the region
+constexpr int kStagedBarrierBytes = 16;  // the copy engine's barrier, after the region (and offsets)
 constexpr int kStagedMaxCells = (48 * 1024 - kStagedBarrierBytes) / kStagedRowBytes;  // 48 KB in all
 constexpr int kStagedThreadsPerPixel = kStagedRowBytes / 32;  // two 16-byte vectors a thread
 constexpr int kStagedThreads = kStagedTile * kStagedTile * kStagedThreadsPerPixel;
 
+// Elements of a pixel's row of staged offsets (offsets_map), for `channels` offsets of `element_bytes` each:
+// 16 bytes of slack, since a row starts at the 16-byte boundary below the block's first offset (the copy
+// engine raised an illegal-instruction fault on boxes that started inside a 16-byte unit, on an H200), rounded
+// up to an odd number of 16-byte units, so that the 4 consecutive pixels of a warp's row read different banks
+// (rows of 128 bytes, all on one bank, made fp32 with 32 channels a group 10 % slower than offsets read from
+// global memory).
+constexpr int staged_offsets_row(int channels, int element_bytes) {
+  const int bytes = (channels * element_bytes + 15) / 16 * 16 + 16;
+  return (bytes % 32 == 0 ? bytes + 16 : bytes) / element_bytes;
+}
+
 // Two 16-byte vectors a thread: 4 threads a (pixel, 128-byte row), 8 pixels a warp, as 4 x 2 pixels so
 // that maps 4 pixels wide (T224 s2's 28, ...) leave no warp half empty.
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, bool kStagedOffsets>
 __global__ void __launch_bounds__(kStagedThreads, 4)
     dcnv4_forward_staged_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                 scalar_t* __restrict__ output, const DCNv4Params p, const TileShape t,
                                 const TileRegion r, const __grid_constant__ cuda_tma::RegionMap region_map,
+                                const __grid_constant__ cuda_tma::RegionMap offsets_map, const int offsets_row,
                                 const bool copy_engine, const int first_image) {
   constexpr int NV = 2;
-  // [cell][column]: 16 bytes of the block's channels of a region pixel; then the copy engine's barrier
+  // [cell][column]: 16 bytes of the block's channels of a region pixel; if kStagedOffsets, the tile's offsets
+  // and weights, [pixel][offsets_row] from channel first_group * 3K rounded down to 16 bytes; then the copy
+  // engine's barrier
   extern __shared__ __align__(128) uint4 region[];
   const int K = p.points, C = static_cast<int>(p.channels);
   const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
@@ -374,10 +392,24 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   const RegionOrigin origin = region_origin(p, r, tile_y * kStagedTile, tile_x * kStagedTile);
   const int region_y = origin.y, region_x = origin.x;
 
-  if (copy_engine) {
-    auto* barrier = reinterpret_cast<unsigned long long*>(region + r.rows * r.cols * kStagedColumns);
-    cuda_tma::copy_region(region, &region_map, barrier, first_group * D, region_x, region_y, first_image + blockIdx.z,
-                          r.rows * r.cols * kStagedRowBytes);
+  const int region_bytes = r.rows * r.cols * kStagedRowBytes;
+  scalar_t* staged_offsets = reinterpret_cast<scalar_t*>(region + r.rows * r.cols * kStagedColumns);
+  const int offsets_bytes = kStagedOffsets ? kStagedTile * kStagedTile * offsets_row * sizeof(scalar_t) : 0;
+  // The block's first offset channel, rounded down to 16 bytes (the copy engine faulted on boxes that start
+  // inside a 16-byte unit, measured on an H200).
+  const int offsets_start = (first_group * 3 * K) & ~(16 / static_cast<int>(sizeof(scalar_t)) - 1);
+  if (kStagedOffsets || copy_engine) {
+    auto* barrier = reinterpret_cast<unsigned long long*>(reinterpret_cast<char*>(staged_offsets) + offsets_bytes);
+    const int image = first_image + blockIdx.z;
+    cuda_tma::arm_barrier(barrier, region_bytes + offsets_bytes);
+    if (threadIdx.x == 0) {
+      cuda_tma::copy_box(region, &region_map, barrier, first_group * D, region_x, region_y, image);
+      if (kStagedOffsets) {
+        cuda_tma::copy_box(staged_offsets, &offsets_map, barrier, offsets_start, tile_x * kStagedTile,
+                           tile_y * kStagedTile, image);
+      }
+    }
+    cuda_tma::wait_region(barrier);
   } else {
     stage_region<kStagedColumns>(region, image + first_group * D, r.rows, r.cols, region_y, region_x, H, W, C);
     wait_copies();
@@ -399,8 +431,10 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   const int channel = g * D + lane * (V * NV);
   const int out_pixel = yo * static_cast<int>(p.out_width) + xo;
   const int64_t out_image = static_cast<int64_t>(blockIdx.z) * p.out_height * p.out_width;
-  const scalar_t* om = offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) +
-                       g * 3 * K;
+  const scalar_t* om =
+      kStagedOffsets ? staged_offsets + g * 3 * K - offsets_start +
+                           ((yo - tile_y * kStagedTile) * kStagedTile + xo - tile_x * kStagedTile) * offsets_row
+                     : offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) + g * 3 * K;
   const scalar_t* lane_image = image + channel;
   const int image_row = W * C;
   // Shared addresses in bytes: this thread's first vector in cell 0, its second one `second` further, a
@@ -498,7 +532,7 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     C10_CUDA_CHECK(cudaGetDevice(&device));
     const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (group_bytes / 32);
     const int64_t wave = cuda_buffers::cached_per_device(device, [](int d) {  // blocks with the largest region
-      return cuda_buffers::kernel_wave_threads(d, dcnv4_forward_staged_kernel<scalar_t, kV>,
+      return cuda_buffers::kernel_wave_threads(d, dcnv4_forward_staged_kernel<scalar_t, kV, false>,
                                                kStagedThreads, kStagedRowBytes * kStagedMaxCells + kStagedBarrierBytes);
     });
     if (4 * threads < 5 * wave) return false;
@@ -510,19 +544,39 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     t.tiles_x = static_cast<int>((p.out_width + kStagedTile - 1) / kStagedTile);
     t.tiles = t.tiles_x * static_cast<int>((p.out_height + kStagedTile - 1) / kStagedTile);
     t.threads = kStagedThreads;
-    const size_t shared = static_cast<size_t>(kStagedRowBytes) * r.rows * r.cols + kStagedBarrierBytes;
     const int64_t out_image = p.out_height * p.out_width;
-    // On sm_90 the copy engine stages each region (one descriptor for the whole batch); elsewhere, or if the
-    // driver refuses the descriptor, the block's threads copy it (stage_region).
-    cuda_tma::RegionMap region_map{};
+    // On sm_90 the copy engine stages each region (one descriptor for the whole batch) and, where each
+    // pixel's offset_mask row is a multiple of 16 bytes (the layers pad it to 8 channels), the tile's offsets
+    // and weights of the block's groups. Elsewhere, or if the driver refuses a descriptor, the block's threads
+    // copy the region (stage_region), and the offsets are read from global memory.
+    cuda_tma::RegionMap region_map{}, offsets_map{};
     const bool copy_engine =
         cuda_tma::encode_region_map(&region_map, device, value, sizeof(scalar_t), p.batch, p.height, p.width,
                                     p.channels, kStagedRowBytes / sizeof(scalar_t), r.cols, r.rows);
+    const int offsets_row = staged_offsets_row(span * 3 * p.points, sizeof(scalar_t));
+    const bool staged_offsets = copy_engine && cuda_tma::encode_region_map(&offsets_map, device, offset_mask, sizeof(scalar_t),
+                                                                     p.batch, p.out_height, p.out_width, p.om_channels,
+                                                                     offsets_row, kStagedTile, kStagedTile);
+    const size_t shared = static_cast<size_t>(kStagedRowBytes) * r.rows * r.cols + kStagedBarrierBytes +
+                          (staged_offsets ? sizeof(scalar_t) * kStagedTile * kStagedTile * offsets_row : 0);
+    const auto kernel =
+        staged_offsets ? dcnv4_forward_staged_kernel<scalar_t, kV, true> : dcnv4_forward_staged_kernel<scalar_t, kV, false>;
+    if (staged_offsets) {  // may pass 48 KB: opt in, once per device, to the most the kernel can ask for
+      cuda_buffers::cached_per_device(device, [](int) {
+        constexpr int kMostShared = kStagedRowBytes * kStagedMaxCells + kStagedBarrierBytes +
+                                    kStagedTile * kStagedTile * staged_offsets_row(4 * 3 * 9, sizeof(scalar_t)) *
+                                        static_cast<int>(sizeof(scalar_t));
+        C10_CUDA_CHECK(cudaFuncSetAttribute(dcnv4_forward_staged_kernel<scalar_t, kV, true>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kMostShared));
+        return int64_t{1};
+      });
+    }
     for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
       const dim3 grid = tile_grid(t, p, count);
-      dcnv4_forward_staged_kernel<scalar_t, kV><<<grid, t.threads, shared, stream>>>(
+      kernel<<<grid, t.threads, shared, stream>>>(
           value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
-          output + first * out_image * p.channels, p, t, r, region_map, copy_engine, static_cast<int>(first));
+          output + first * out_image * p.channels, p, t, r, region_map, offsets_map, offsets_row, copy_engine,
+          static_cast<int>(first));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return true;
