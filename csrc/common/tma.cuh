@@ -1,6 +1,7 @@
-// Copies of a 2-D region of an NHWC image into shared memory by the tensor memory accelerator (sm_90): one
-// thread issues one bulk copy of the whole region, zeros outside the image, and the block waits on a
-// shared-memory barrier. It replaces a copy loop that cost every thread 24 instructions per 16 bytes.
+// Copies of 2-D regions of NHWC tensors into shared memory by the tensor memory accelerator (sm_90): one
+// thread issues one bulk copy per region (a tile's input pixels; in the staged forward also its offsets),
+// zeros outside the tensor, and the block waits on a shared-memory barrier. It replaces a copy loop that
+// cost every thread 24 instructions per 16 bytes.
 #pragma once
 
 #include <cuda.h>
@@ -125,13 +126,6 @@ __device__ __forceinline__ void wait_region(unsigned long long* barrier) {
         : "memory");
   } while (!done);
 #endif
-}
-
-// start_region, then wait_region.
-__device__ __forceinline__ void copy_region(void* shared, const RegionMap* map, unsigned long long* barrier,
-                                            int channel, int x, int y, int image, unsigned bytes) {
-  start_region(shared, map, barrier, channel, x, y, image, bytes);
-  wait_region(barrier);
 }
 
 }  // namespace cuda_tma

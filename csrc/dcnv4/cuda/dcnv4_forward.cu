@@ -395,8 +395,7 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   const int region_bytes = r.rows * r.cols * kStagedRowBytes;
   scalar_t* staged_offsets = reinterpret_cast<scalar_t*>(region + r.rows * r.cols * kStagedColumns);
   const int offsets_bytes = kStagedOffsets ? kStagedTile * kStagedTile * offsets_row * sizeof(scalar_t) : 0;
-  // The block's first offset channel, rounded down to 16 bytes (the copy engine faulted on boxes that start
-  // inside a 16-byte unit, measured on an H200).
+  // The block's first offset channel, rounded down to 16 bytes (see staged_offsets_row).
   const int offsets_start = (first_group * 3 * K) & ~(16 / static_cast<int>(sizeof(scalar_t)) - 1);
   if (kStagedOffsets || copy_engine) {
     auto* barrier = reinterpret_cast<unsigned long long*>(reinterpret_cast<char*>(staged_offsets) + offsets_bytes);
@@ -434,7 +433,8 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   const scalar_t* om =
       kStagedOffsets ? staged_offsets + g * 3 * K - offsets_start +
                            ((yo - tile_y * kStagedTile) * kStagedTile + xo - tile_x * kStagedTile) * offsets_row
-                     : offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) + g * 3 * K;
+                     : offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) +
+                           g * 3 * K;
   const scalar_t* lane_image = image + channel;
   const int image_row = W * C;
   // Shared addresses in bytes: this thread's first vector in cell 0, its second one `second` further, a
@@ -554,13 +554,14 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
         cuda_tma::encode_region_map(&region_map, device, value, sizeof(scalar_t), p.batch, p.height, p.width,
                                     p.channels, kStagedRowBytes / sizeof(scalar_t), r.cols, r.rows);
     const int offsets_row = staged_offsets_row(span * 3 * p.points, sizeof(scalar_t));
-    const bool staged_offsets = copy_engine && cuda_tma::encode_region_map(&offsets_map, device, offset_mask, sizeof(scalar_t),
-                                                                     p.batch, p.out_height, p.out_width, p.om_channels,
-                                                                     offsets_row, kStagedTile, kStagedTile);
+    const bool staged_offsets =
+        copy_engine && cuda_tma::encode_region_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p.batch,
+                                                   p.out_height, p.out_width, p.om_channels, offsets_row, kStagedTile,
+                                                   kStagedTile);
     const size_t shared = static_cast<size_t>(kStagedRowBytes) * r.rows * r.cols + kStagedBarrierBytes +
                           (staged_offsets ? sizeof(scalar_t) * kStagedTile * kStagedTile * offsets_row : 0);
-    const auto kernel =
-        staged_offsets ? dcnv4_forward_staged_kernel<scalar_t, kV, true> : dcnv4_forward_staged_kernel<scalar_t, kV, false>;
+    const auto kernel = staged_offsets ? dcnv4_forward_staged_kernel<scalar_t, kV, true>
+                                       : dcnv4_forward_staged_kernel<scalar_t, kV, false>;
     if (staged_offsets) {  // may pass 48 KB: opt in, once per device, to the most the kernel can ask for
       cuda_buffers::cached_per_device(device, [](int) {
         constexpr int kMostShared = kStagedRowBytes * kStagedMaxCells + kStagedBarrierBytes +
