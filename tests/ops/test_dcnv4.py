@@ -470,10 +470,32 @@ SORTED_WIDTHS = [(torch.float16, 32), (torch.bfloat16, 32), (torch.float16, 16),
                  (torch.float32, 16), (torch.float32, 32)]
 
 
+# offset_mask rows of 16-byte multiples (padded, as the DCNv4 layers lay them out) are staged by the copy
+# engine on sm_90 too (staged forward; sorted backward at 4 lanes a pixel); other rows (the 5 extra channels
+# of make_inputs) are read from global memory.
+OFFSET_ROWS = ['padded', 'unpadded']
+
+
+def offsets_extra(rows, group, k):
+    """make_inputs' `extra` channels for `rows`: up to a multiple of 8 channels, or 5."""
+    return -(group * 3 * k) % 8 if rows == 'padded' else 5
+
+
+def sorted_kernel_ran(prof, rows):
+    """The sorted backward ran, with the tile's offsets staged when it stages its region at 4 lanes a pixel
+    (kernel template arguments: lanes, region staged, offsets staged) and the rows are padded (sm_90)."""
+    pattern = re.compile(r'sorted_kernel<[^,]+, \d+, (\d+), (true|false), (true|false)>')
+    found = [m for m in (pattern.search(e.name) for e in prof.events()) if m]
+    sm90 = torch.cuda.get_device_capability() >= (9, 0)
+    return bool(found) and all(
+        (m[3] == 'true') == (rows == 'padded' and sm90 and m[1] == '4' and m[2] == 'true') for m in found)
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize('rows', OFFSET_ROWS)
 @pytest.mark.parametrize('dtype,d', SORTED_WIDTHS, ids=lambda v: str(v).replace('torch.', ''))
 @pytest.mark.parametrize('name', sorted(SORTED_CASES))
-def test_cuda_sorted_value_gradient(name, dtype, d, rng):
+def test_cuda_sorted_value_gradient(name, dtype, d, rows, rng):
     """16 and 32 channels a group with a 3x3 kernel take the backward that sorts each tile's corners by
     input pixel before adding them (kernel name checked). Its gradients match the float64 reference, with
     offsets past the tile's region, stride, dilation, remove_center, offset_scale, hundreds of points on
@@ -483,7 +505,7 @@ def test_cuda_sorted_value_gradient(name, dtype, d, rng):
     n, g = 2, 2
     h, w = ho * stride, wo * stride
     value, om = make_inputs(rng, n, h, w, g, d, stride=(stride, stride), pad=(dil, dil), dil=(dil, dil),
-                            remove_center=rc, offset_std=offset_std or 1.0)
+                            remove_center=rc, offset_std=offset_std or 1.0, extra=offsets_extra(rows, g, 9 - int(rc)))
     if offset_std is None:
         om = piled_up_offsets(om, g, 9, h, w, rng)
     if dtype == torch.float32:
@@ -505,7 +527,7 @@ def test_cuda_sorted_value_gradient(name, dtype, d, rng):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         got = torch.autograd.grad(dcnv4(value, om, *args), (value, om), grad)
         torch.cuda.synchronize()
-    assert any('dcnv4_backward_sorted_kernel' in e.name for e in prof.events())
+    assert sorted_kernel_ran(prof, rows)
     assert rel_err(got[0], want[0]) < GRAD_TOLERANCE[dtype]
     assert rel_err(got[1], want[1]) < GRAD_TOLERANCE[dtype]
     with deterministic_algorithms():
@@ -520,17 +542,6 @@ STAGED_WIDTHS = [(torch.float16, 16), (torch.float16, 32), (torch.float16, 64), 
 # Stride 2 widens a tile's region past the staged kernel's shared memory, and a map smaller than a tile
 # does not pay for it: the other kernels run there. The 34 x 38 maps are not multiples of the tile.
 STAGED_CASES = sorted(name for name in SORTED_CASES if name not in ('stride_2', 'small_ragged_map'))
-
-
-# offset_mask rows of 16-byte multiples (padded, as the DCNv4 layers lay them out) are staged by the copy
-# engine on sm_90 too (kernel `<..., true>`); other rows (the 5 extra channels of make_inputs) are read from
-# global memory (`<..., false>`).
-OFFSET_ROWS = ['padded', 'unpadded']
-
-
-def offsets_extra(rows, group, k):
-    """make_inputs' `extra` channels for `rows`: up to a multiple of 8 channels, or 5."""
-    return -(group * 3 * k) % 8 if rows == 'padded' else 5
 
 
 def staged_kernel_ran(prof, rows):

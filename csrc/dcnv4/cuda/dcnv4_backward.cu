@@ -336,13 +336,14 @@ __device__ __forceinline__ int count_bucket(int count) { return kSortedBuckets -
 
 // 64 registers at most (16 / LANES blocks of 64 * LANES threads fill the register file): 2 lanes with no
 // bound took 71.
-template <typename scalar_t, int V, int LANES, bool kStaged>
+template <typename scalar_t, int V, int LANES, bool kStaged, bool kOffsets>
 __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     dcnv4_backward_sorted_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
                                  const FloatAtomicAdd<float> accumulate, const DCNv4Params p, const SortedRegion r,
                                  const int tiles_x, const __grid_constant__ cuda_tma::RegionMap region_map,
-                                 const bool copy_engine, const int first_image) {
+                                 const bool copy_engine, const int first_image,
+                                 const __grid_constant__ cuda_tma::RegionMap offsets_map, const int offsets_row) {
   static_assert(LANES == 2 || LANES == 4 || LANES == 8, "lane q records corner q of a point (q mod LANES)");
   constexpr int kThreads = kSortedPixels * LANES;
   constexpr int D = V * LANES;  // one vector a lane (try_backward_sorted)
@@ -353,8 +354,13 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   extern __shared__ __align__(128) unsigned char shared_bytes[];  // 128: the copy engine's alignment
   constexpr bool kGathered = sorted_gathers_offset_gradients<LANES>();
   constexpr int kCellBytes = 16 * LANES;  // a region pixel's channels of the group: a vector a lane
-  uint4* region = reinterpret_cast<uint4*>(shared_bytes);  // [cell][lane], if kStaged
-  float* grad_tile = reinterpret_cast<float*>(shared_bytes + (kStaged ? kCellBytes * cells : 0));  // [pixel][kRow]
+  // kOffsets: first the tile's offsets and weights of the group, [pixel][offsets_row] from the 16-byte
+  // boundary below the group's first one (staged_offsets_row)
+  const int offsets_bytes = kOffsets ? kSortedPixels * offsets_row * static_cast<int>(sizeof(scalar_t)) : 0;
+  const scalar_t* staged_offsets = reinterpret_cast<const scalar_t*>(shared_bytes);
+  unsigned char* base = shared_bytes + offsets_bytes;
+  uint4* region = reinterpret_cast<uint4*>(base);  // [cell][lane], if kStaged
+  float* grad_tile = reinterpret_cast<float*>(base + (kStaged ? kCellBytes * cells : 0));  // [pixel][kRow]
   scalar_t* gom_tile = reinterpret_cast<scalar_t*>(grad_tile + kSortedPixels * kRow);  // [pixel][3 * K], if kGathered
   // Per entry (indexed point, corner, pixel in phase 1), its key (kSortedCellShift, or -1) and the bits of
   // m * bilinear weight; from phase 3 on, the recorded entries sorted by cell: tile row (offset in floats)
@@ -385,7 +391,10 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int64_t out_image = static_cast<int64_t>(n) * p.out_height * p.out_width;
   const int64_t om_pixel = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels);
   const int64_t om_offset = om_pixel + g * 3 * K;
-  const scalar_t* om = offset_mask + om_offset;
+  const int offsets_start = (g * 3 * K) & ~(16 / static_cast<int>(sizeof(scalar_t)) - 1);
+  const scalar_t* om = kOffsets ? staged_offsets + ((yo - tp.y0) * kSortedTile + xo - tp.x0) * offsets_row +
+                                      g * 3 * K - offsets_start
+                                : offset_mask + om_offset;
   const int64_t image_offset = static_cast<int64_t>(n) * H * W * C;
   const int64_t lane_channels = image_offset + channel0 + lane * V;  // this lane's vector of pixel (0, 0)
   const scalar_t* lane_image = value + lane_channels;
@@ -395,11 +404,17 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int region_y = origin.y, region_x = origin.x;
   const float scale = static_cast<float>(p.offset_scale);
   // With the copy engine (sm_90), the region lands while the threads fill the grad_output tile below.
-  const bool engine = kStaged && copy_engine && (__cvta_generic_to_shared(region) & 127) == 0;
+  const bool engine = kOffsets || (kStaged && copy_engine && (__cvta_generic_to_shared(region) & 127) == 0);
   if constexpr (kStaged) {
     if (engine) {
-      cuda_tma::start_region(region, &region_map, &copy_barrier, channel0, region_x, region_y, first_image + n,
-                             cells * kCellBytes);
+      cuda_tma::arm_barrier(&copy_barrier, cells * kCellBytes + offsets_bytes);
+      if (threadIdx.x == 0) {
+        cuda_tma::copy_box(region, &region_map, &copy_barrier, channel0, region_x, region_y, first_image + n);
+        if (kOffsets) {
+          cuda_tma::copy_box(const_cast<scalar_t*>(staged_offsets), &offsets_map, &copy_barrier, offsets_start, tp.x0,
+                             tp.y0, first_image + n);
+        }
+      }
     } else {
       stage_region<LANES>(region, value + image_offset + channel0, r.rows, r.cols, region_y, region_x, H, W, C);
     }
@@ -670,22 +685,45 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   const int64_t out_image = p.out_height * p.out_width;
   // With kStaged on sm_90 the copy engine stages each region (one descriptor for the whole batch), as in the
   // staged forward; elsewhere, or if the driver refuses the descriptor, the block's threads copy it.
-  cuda_tma::RegionMap region_map{};
+  cuda_tma::RegionMap region_map{}, offsets_map{};
   bool copy_engine = false;
+  int offsets_row = 0;
+  auto kernel = dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, false>;
+  size_t total = shared;
   if constexpr (kStaged) {
     int device = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     copy_engine = cuda_tma::encode_region_map(&region_map, device, value, sizeof(scalar_t), p.batch, p.height, p.width,
                                               p.channels, p.group_channels, r.cols, r.rows);
+    // At 4 lanes (fp32 with 16 channels, fp16/bf16 with 32) the copy engine also stages the tile's offsets
+    // and weights for phase 1, as in the staged forward (backward op on an H200, offset gradients equal bit
+    // for bit: T224 s1 fp32 0.4521 -> 0.4315 ms, T224 s2 fp32 0.2423 -> 0.2341, T det s1 fp32 0.3211 ->
+    // 0.3031, 1x200x320x128 fp16 0.1949 -> 0.1868). At 2 lanes, whose blocks are bound by shared memory, it
+    // was level or up to 1.6 % slower (T224 s2 fp16 0.2218 -> 0.2252).
+    const int row = staged_offsets_row(3 * p.points, sizeof(scalar_t));
+    if (LANES == 4 && copy_engine &&
+        cuda_tma::encode_region_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p.batch, p.out_height,
+                                    p.out_width, p.om_channels, row, kSortedTile, kSortedTile)) {
+      offsets_row = row;
+      kernel = dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true>;
+      total = shared + kSortedPixels * row * sizeof(scalar_t);  // may pass 48 KB: opt in, once per device
+      cuda_buffers::cached_per_device(device, [](int) {
+        constexpr int kMostShared = kSortedSharedLimit + kSortedPixels * staged_offsets_row(27, sizeof(scalar_t)) *
+                                                             static_cast<int>(sizeof(scalar_t));
+        C10_CUDA_CHECK(cudaFuncSetAttribute(dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kMostShared));
+        return int64_t{1};
+      });
+    }
   }
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     FloatAtomicAdd<float> slice = accumulate;
     slice.base += first * p.height * p.width * p.channels;
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.group), static_cast<unsigned>(count));
-    dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged><<<grid, kSortedPixels * LANES, shared, stream>>>(
+    kernel<<<grid, kSortedPixels * LANES, total, stream>>>(
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         grad_output + first * out_image * p.channels, grad_offset_mask + first * out_image * p.om_channels,
-        slice, p, r, tiles_x, region_map, copy_engine, static_cast<int>(first));
+        slice, p, r, tiles_x, region_map, copy_engine, static_cast<int>(first), offsets_map, offsets_row);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

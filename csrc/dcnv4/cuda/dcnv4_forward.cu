@@ -358,17 +358,6 @@ constexpr int kStagedMaxCells = (48 * 1024 - kStagedBarrierBytes) / kStagedRowBy
 constexpr int kStagedThreadsPerPixel = kStagedRowBytes / 32;  // two 16-byte vectors a thread
 constexpr int kStagedThreads = kStagedTile * kStagedTile * kStagedThreadsPerPixel;
 
-// Elements of a pixel's row of staged offsets (offsets_map), for `channels` offsets of `element_bytes` each:
-// 16 bytes of slack, since a row starts at the 16-byte boundary below the block's first offset (the copy
-// engine raised an illegal-instruction fault on boxes that started inside a 16-byte unit, on an H200), rounded
-// up to an odd number of 16-byte units, so that the 4 consecutive pixels of a warp's row read different banks
-// (rows of 128 bytes, all on one bank, made fp32 with 32 channels a group 10 % slower than offsets read from
-// global memory).
-constexpr int staged_offsets_row(int channels, int element_bytes) {
-  const int bytes = (channels * element_bytes + 15) / 16 * 16 + 16;
-  return (bytes % 32 == 0 ? bytes + 16 : bytes) / element_bytes;
-}
-
 // Two 16-byte vectors a thread: 4 threads a (pixel, 128-byte row), 8 pixels a warp, as 4 x 2 pixels so
 // that maps 4 pixels wide (T224 s2's 28, ...) leave no warp half empty.
 template <typename scalar_t, int V, bool kStagedOffsets>
