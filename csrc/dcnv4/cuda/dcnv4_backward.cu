@@ -403,7 +403,9 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const RegionOrigin origin = region_origin(p, r, tp.y0, tp.x0);
   const int region_y = origin.y, region_x = origin.x;
   const float scale = static_cast<float>(p.offset_scale);
-  // With the copy engine (sm_90), the region lands while the threads fill the grad_output tile below.
+  // With the copy engine (sm_90), the region lands while the threads fill the grad_output tile below. The
+  // dynamic shared memory follows the kernel's 256 bytes of static arrays, 128-byte aligned by its declaration;
+  // kOffsets (chosen by the host only with the copy engine) relies on that.
   const bool engine = kOffsets || (kStaged && copy_engine && (__cvta_generic_to_shared(region) & 127) == 0);
   if constexpr (kStaged) {
     if (engine) {

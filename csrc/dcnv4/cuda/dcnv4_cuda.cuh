@@ -201,8 +201,6 @@ inline TileRegion tile_region(const DCNv4Params& p, int tile, int margin) {
   return r;
 }
 
-// The input pixel of region cell 0 of the tile whose first output pixel is (y0, x0); `r` a TileRegion or a
-// struct with its extents.
 // Elements of a pixel's row of a tile's offsets and weights staged by the copy engine (the staged forward and
 // the sorted backward), for `channels` of them of `element_bytes` each: 16 bytes of slack, since a row starts
 // at the 16-byte boundary below the block's first offset (the copy engine raised an illegal-instruction fault
@@ -214,6 +212,8 @@ constexpr int staged_offsets_row(int channels, int element_bytes) {
   return (bytes % 32 == 0 ? bytes + 16 : bytes) / element_bytes;
 }
 
+// The input pixel of region cell 0 of the tile whose first output pixel is (y0, x0); `r` a TileRegion or a
+// struct with its extents.
 struct RegionOrigin {
   int y, x;
 };
