@@ -40,6 +40,16 @@ inline int64_t resident_threads(int device) {
   });
 }
 
+// Lets kKernel take up to kBytes of dynamic shared memory on `device` (the current one), past the default
+// 48 KB: set once per device.
+template <auto kKernel, int kBytes>
+void allow_dynamic_shared(int device) {
+  cached_per_device(device, [](int) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+    return int64_t{1};  // nonzero: the cache's "unknown" is 0
+  });
+}
+
 // Threads of one wave of `kernel` on `device` (the current one): SMs x the kernel's resident blocks of
 // `block_threads` threads with `shared_bytes` of dynamic shared memory each. Cache it with
 // cached_per_device.

@@ -104,14 +104,6 @@ __device__ __forceinline__ void copy_box(void* shared, const RegionMap* map, uns
 #endif
 }
 
-// The block starts a copy of one box (`bytes`) into `shared`: arm_barrier and copy_box. Every thread calls
-// it; then wait_region.
-__device__ __forceinline__ void start_region(void* shared, const RegionMap* map, unsigned long long* barrier,
-                                             int channel, int x, int y, int image, unsigned bytes) {
-  arm_barrier(barrier, bytes);
-  if (threadIdx.x == 0) copy_box(shared, map, barrier, channel, x, y, image);
-}
-
 // Waits until the copies counted on `barrier` (arm_barrier) have landed.
 __device__ __forceinline__ void wait_region(unsigned long long* barrier) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(MMDCNV4_TENSOR_MAPS)

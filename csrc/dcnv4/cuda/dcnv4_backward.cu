@@ -23,7 +23,6 @@
 #include <type_traits>
 
 #include "common/cuda_buffers.cuh"
-#include "common/tma.cuh"
 #include "dcnv4/cuda/dcnv4_cuda.cuh"
 #include "dcnv4/dcnv4_host.h"
 
@@ -313,7 +312,8 @@ template <int LANES>
 constexpr bool sorted_gathers_offset_gradients() { return LANES == 2; }
 
 // Shared memory a block may take without opting in to more.
-constexpr size_t kSortedSharedLimit = 48 * 1024 - 256;  // less the kernel's static arrays (bucket, warp_offset)
+constexpr size_t kSortedSharedLimit = 48 * 1024 - 256;  // less the kernel's static arrays (bucket, warp_offset,
+                                                        // copy_barrier)
 
 template <typename scalar_t, int LANES, bool kStaged>
 size_t sorted_shared_bytes(const DCNv4Params& p, int cells) {
@@ -357,7 +357,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   // kOffsets: first the tile's offsets and weights of the group, [pixel][offsets_row] from the 16-byte
   // boundary below the group's first one (staged_offsets_row)
   const int offsets_bytes = kOffsets ? kSortedPixels * offsets_row * static_cast<int>(sizeof(scalar_t)) : 0;
-  const scalar_t* staged_offsets = reinterpret_cast<const scalar_t*>(shared_bytes);
+  scalar_t* staged_offsets = reinterpret_cast<scalar_t*>(shared_bytes);
   unsigned char* base = shared_bytes + offsets_bytes;
   uint4* region = reinterpret_cast<uint4*>(base);  // [cell][lane], if kStaged
   float* grad_tile = reinterpret_cast<float*>(base + (kStaged ? kCellBytes * cells : 0));  // [pixel][kRow]
@@ -391,7 +391,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int64_t out_image = static_cast<int64_t>(n) * p.out_height * p.out_width;
   const int64_t om_pixel = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels);
   const int64_t om_offset = om_pixel + g * 3 * K;
-  const int offsets_start = (g * 3 * K) & ~(16 / static_cast<int>(sizeof(scalar_t)) - 1);
+  const int offsets_start = staged_offsets_start(g * 3 * K, sizeof(scalar_t));
   const scalar_t* om = kOffsets ? staged_offsets + ((yo - tp.y0) * kSortedTile + xo - tp.x0) * offsets_row +
                                       g * 3 * K - offsets_start
                                 : offset_mask + om_offset;
@@ -413,8 +413,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
       if (threadIdx.x == 0) {
         cuda_tma::copy_box(region, &region_map, &copy_barrier, channel0, region_x, region_y, first_image + n);
         if (kOffsets) {
-          cuda_tma::copy_box(const_cast<scalar_t*>(staged_offsets), &offsets_map, &copy_barrier, offsets_start, tp.x0,
-                             tp.y0, first_image + n);
+          cuda_tma::copy_box(staged_offsets, &offsets_map, &copy_barrier, offsets_start, tp.x0, tp.y0, first_image + n);
         }
       }
     } else {
@@ -704,18 +703,14 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
     // was level or up to 1.6 % slower (T224 s2 fp16 0.2218 -> 0.2252).
     const int row = staged_offsets_row(3 * p.points, sizeof(scalar_t));
     if (LANES == 4 && copy_engine &&
-        cuda_tma::encode_region_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p.batch, p.out_height,
-                                    p.out_width, p.om_channels, row, kSortedTile, kSortedTile)) {
+        encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, row, kSortedTile)) {
       offsets_row = row;
       kernel = dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true>;
-      total = shared + kSortedPixels * row * sizeof(scalar_t);  // may pass 48 KB: opt in, once per device
-      cuda_buffers::cached_per_device(device, [](int) {
-        constexpr int kMostShared = kSortedSharedLimit + kSortedPixels * staged_offsets_row(27, sizeof(scalar_t)) *
-                                                             static_cast<int>(sizeof(scalar_t));
-        C10_CUDA_CHECK(cudaFuncSetAttribute(dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kMostShared));
-        return int64_t{1};
-      });
+      total = shared + kSortedPixels * row * sizeof(scalar_t);  // may pass 48 KB: opt in
+      constexpr int kMostShared = kSortedSharedLimit + kSortedPixels * staged_offsets_row(27, sizeof(scalar_t)) *
+                                                           static_cast<int>(sizeof(scalar_t));
+      cuda_buffers::allow_dynamic_shared<dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true>, kMostShared>(
+          device);
     }
   }
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {

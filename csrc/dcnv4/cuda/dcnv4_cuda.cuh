@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/tma.cuh"
 #include "dcnv4/dcnv4_params.h"
 
 namespace mmdcnv4 {
@@ -210,6 +211,19 @@ inline TileRegion tile_region(const DCNv4Params& p, int tile, int margin) {
 constexpr int staged_offsets_row(int channels, int element_bytes) {
   const int bytes = (channels * element_bytes + 15) / 16 * 16 + 16;
   return (bytes % 32 == 0 ? bytes + 16 : bytes) / element_bytes;
+}
+
+// The channel a staged row starts at: the block's first offset channel `first`, rounded down to 16 bytes.
+__host__ __device__ constexpr int staged_offsets_start(int first, int element_bytes) {
+  return first & ~(16 / element_bytes - 1);
+}
+
+// The descriptor of a tile x tile box of offset_mask rows of `row` elements (staged_offsets_row); false where
+// the copy engine cannot stage them (encode_region_map: rows not a multiple of 16 bytes, before sm_90, ...).
+inline bool encode_offsets_map(cuda_tma::RegionMap* map, int device, const void* offset_mask, int element_bytes,
+                               const DCNv4Params& p, int row, int tile) {
+  return cuda_tma::encode_region_map(map, device, offset_mask, element_bytes, p.batch, p.out_height, p.out_width,
+                                     p.om_channels, row, tile, tile);
 }
 
 // The input pixel of region cell 0 of the tile whose first output pixel is (y0, x0); `r` a TileRegion or a

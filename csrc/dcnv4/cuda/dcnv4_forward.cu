@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   scalar_t* staged_offsets = reinterpret_cast<scalar_t*>(region + r.rows * r.cols * kStagedColumns);
   const int offsets_bytes = kStagedOffsets ? kStagedTile * kStagedTile * offsets_row * sizeof(scalar_t) : 0;
   // The block's first offset channel, rounded down to 16 bytes (see staged_offsets_row).
-  const int offsets_start = (first_group * 3 * K) & ~(16 / static_cast<int>(sizeof(scalar_t)) - 1);
+  const int offsets_start = staged_offsets_start(first_group * 3 * K, sizeof(scalar_t));
   if (kStagedOffsets || copy_engine) {
     auto* barrier = reinterpret_cast<unsigned long long*>(reinterpret_cast<char*>(staged_offsets) + offsets_bytes);
     const int image = first_image + blockIdx.z;
@@ -544,22 +544,17 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
                                     p.channels, kStagedRowBytes / sizeof(scalar_t), r.cols, r.rows);
     const int offsets_row = staged_offsets_row(span * 3 * p.points, sizeof(scalar_t));
     const bool staged_offsets =
-        copy_engine && cuda_tma::encode_region_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p.batch,
-                                                   p.out_height, p.out_width, p.om_channels, offsets_row, kStagedTile,
-                                                   kStagedTile);
+        copy_engine &&
+        encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, offsets_row, kStagedTile);
     const size_t shared = static_cast<size_t>(kStagedRowBytes) * r.rows * r.cols + kStagedBarrierBytes +
                           (staged_offsets ? sizeof(scalar_t) * kStagedTile * kStagedTile * offsets_row : 0);
     const auto kernel = staged_offsets ? dcnv4_forward_staged_kernel<scalar_t, kV, true>
                                        : dcnv4_forward_staged_kernel<scalar_t, kV, false>;
-    if (staged_offsets) {  // may pass 48 KB: opt in, once per device, to the most the kernel can ask for
-      cuda_buffers::cached_per_device(device, [](int) {
-        constexpr int kMostShared = kStagedRowBytes * kStagedMaxCells + kStagedBarrierBytes +
-                                    kStagedTile * kStagedTile * staged_offsets_row(4 * 3 * 9, sizeof(scalar_t)) *
-                                        static_cast<int>(sizeof(scalar_t));
-        C10_CUDA_CHECK(cudaFuncSetAttribute(dcnv4_forward_staged_kernel<scalar_t, kV, true>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kMostShared));
-        return int64_t{1};
-      });
+    if (staged_offsets) {  // may pass 48 KB: opt in to the most the kernel can ask for
+      constexpr int kMostShared = kStagedRowBytes * kStagedMaxCells + kStagedBarrierBytes +
+                                  kStagedTile * kStagedTile * staged_offsets_row(4 * 3 * 9, sizeof(scalar_t)) *
+                                      static_cast<int>(sizeof(scalar_t));
+      cuda_buffers::allow_dynamic_shared<dcnv4_forward_staged_kernel<scalar_t, kV, true>, kMostShared>(device);
     }
     for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
       const dim3 grid = tile_grid(t, p, count);
