@@ -230,13 +230,13 @@ __device__ __forceinline__ ShuffledPoint shuffle_point(const ShuffledPoint& mine
 }
 
 // The 3x3 backward with the value gradient summed per block before it reaches global memory. A block
-// takes an 8 x 8 tile of output pixels of one group. Neighbouring windows overlap, so the tile's
-// 64 x 9 x 4 corners land on a region of about 17 x 17 input pixels (the tile's windows plus a margin
-// of kSortedMargin pixels of learned offset): summing them per region pixel first cuts the global
-// atomics, which bound the plain kernel (L2 at 91 %), by the ratio of corners to region pixels (about 8x
-// at 8 x 8). Shared-memory float atomics are compare-and-swap loops on sm_90, so the block instead sorts
-// its corners by region pixel (a counting sort: one native integer shared atomic per corner, not per
-// channel); then the threads of a region pixel (4 channels each) sum its corners' contributions in
+// takes a tile of up to 64 output pixels (8 x 8 on most maps; sorted_region) of one group. Neighbouring
+// windows overlap, so an 8 x 8 tile's 64 x 9 x 4 corners land on a region of about 17 x 17 input pixels (the
+// tile's windows plus a margin of kSortedMargin pixels of learned offset): summing them per region pixel
+// first cuts the global atomics, which bound the plain kernel (L2 at 91 %), by the ratio of corners to region
+// pixels (about 8x at 8 x 8). Shared-memory float atomics are compare-and-swap loops on sm_90, so the block
+// instead sorts its corners by region pixel (a counting sort: one native integer shared atomic per corner, not
+// per channel); then the threads of a region pixel (4 channels each) sum its corners' contributions in
 // registers and add them with one 16-byte vector atomic each. Corners outside the region
 // (offsets beyond the margin) are added directly, as in the plain kernel. The offset and weight
 // gradients are computed as there, with one 16-byte vector a lane (2, 4 or 8 lanes a pixel). With kStaged
@@ -246,8 +246,7 @@ __device__ __forceinline__ ShuffledPoint shuffle_point(const ShuffledPoint& mine
 // engine copies the region while the threads fill the grad_output tile (backward op on an H200, gradients of
 // the offsets equal bit for bit: T224 s2 fp32 0.2500 -> 0.2431 ms, 64x28x28x256 bf16 0.3300 -> 0.3193; no
 // row slower beyond noise).
-constexpr int kSortedTile = 8;  // tile side, in output pixels
-constexpr int kSortedPixels = kSortedTile * kSortedTile;
+constexpr int kSortedPixels = 64;  // a tile's output pixels at most (its threads: kSortedPixels x lanes)
 constexpr int kSortedMargin = 3;  // learned offsets (before offset_scale) up to this many pixels
 constexpr int kSortedMaxCells = 1024;
 constexpr int kSortedEntries = kSortedPixels * 9 * 4;  // (pixel, point, corner)
@@ -260,15 +259,45 @@ static_assert(kSortedPixels <= (1 << kSortedPixelBits), "pixel field too narrow"
 static_assert(kSortedMaxCells <= (1 << (31 - kSortedCellShift)), "cell field too narrow");
 constexpr int kSortedRowShift = 20;  // cell / cols == cell * cols_magic >> 20 for cells < 1024, cols <= 1024
 
-// The region of a tile (tile_region) and 2^20 / cols + 1: a cell's row without a division.
+// The tile shape (tile_h x tile_w output pixels, at most kSortedPixels), its region (tile_region) and
+// 2^20 / cols + 1: a cell's row without a division.
 struct SortedRegion {
+  int tile_h, tile_w;
   int extent_h, extent_w, rows, cols;
   unsigned cols_magic;
 };
 
+// The tile shape that covers the output map with the fewest tiles, then the smallest region. A block's
+// threads are those of kSortedPixels pixels however many of its tile lie in the map, and its per-block work
+// (counts, scan, placement) scales with its region, so tiles cut by the map's edge waste both: on a 28 x 28
+// map, 8 x 8 tiles give 16 blocks a map, 7 of them cut, for 784 pixels (1024 threads' worth), where 4 x 14
+// tiles give 14 uncut ones (regions of 13 x 23 cells instead of 17 x 17: 9 % fewer cells a map). A/B on an
+// H200, backward op: T224 s2 fp32 0.2351 -> 0.2143 ms, fp16 0.2232 -> 0.2159; 64x28x28x256 fp32 0.4183 ->
+// 0.4052, fp16 0.3171 -> 0.2900; T det s4 (9 x 7 tiles) fp32 0.0535 -> 0.0499; 1x50x80x512 (4 x 16) fp16
+// 0.0624 -> 0.0577; the largest loss 64x14x14x512 fp32 (7 x 7) 0.2116 -> 0.2205, fp16 0.1675 -> 0.1628.
+// Candidates: tile_h from 4 to 16 rows, tile_w = kSortedPixels / tile_h, then both shrunk to the smallest
+// size that keeps the tile count (equal tiles), so a square map keeps square tiles (56 x 56: 8 x 8; 14 x 14:
+// 7 x 7). Regions over kSortedMaxCells (large offset_scale, dilation or stride) come last.
 inline SortedRegion sorted_region(const DCNv4Params& p) {
-  const TileRegion t = tile_region(p, kSortedTile, kSortedMargin);
-  return {t.extent_h, t.extent_w, t.rows, t.cols, (1u << kSortedRowShift) / static_cast<unsigned>(t.cols) + 1};
+  SortedRegion best{};
+  int64_t best_tiles = 0, best_cells = 0;
+  const auto rank = [](int64_t cells) { return cells > kSortedMaxCells ? 1 : 0; };
+  for (int h = 4; h <= 16; ++h) {
+    const int w = kSortedPixels / h;
+    const int64_t rows_of_tiles = (p.out_height + h - 1) / h, cols_of_tiles = (p.out_width + w - 1) / w;
+    const int tile_h = static_cast<int>((p.out_height + rows_of_tiles - 1) / rows_of_tiles);
+    const int tile_w = static_cast<int>((p.out_width + cols_of_tiles - 1) / cols_of_tiles);
+    const TileRegion t = tile_region(p, tile_h, tile_w, kSortedMargin);
+    const int64_t tiles = rows_of_tiles * cols_of_tiles, cells = int64_t{t.rows} * t.cols;
+    if (best_tiles == 0 || rank(cells) < rank(best_cells) ||
+        (rank(cells) == rank(best_cells) && (tiles < best_tiles || (tiles == best_tiles && cells < best_cells)))) {
+      best = {tile_h, tile_w, t.extent_h, t.extent_w, t.rows, t.cols,
+              (1u << kSortedRowShift) / static_cast<unsigned>(t.cols) + 1};
+      best_tiles = tiles;
+      best_cells = cells;
+    }
+  }
+  return best;
 }
 
 // The pixels of a tile inside the map: `count` of them, from (y0, x0), `cols` a row.
@@ -276,12 +305,13 @@ struct TilePixels {
   int y0, x0, cols, count;
 };
 
-__device__ __forceinline__ TilePixels tile_pixels(const DCNv4Params& p, int tile_y, int tile_x) {
+__device__ __forceinline__ TilePixels tile_pixels(const DCNv4Params& p, const SortedRegion& r, int tile_y,
+                                                  int tile_x) {
   TilePixels tp;
-  tp.y0 = tile_y * kSortedTile;
-  tp.x0 = tile_x * kSortedTile;
-  tp.cols = min(kSortedTile, static_cast<int>(p.out_width) - tp.x0);
-  tp.count = min(kSortedTile, static_cast<int>(p.out_height) - tp.y0) * tp.cols;
+  tp.y0 = tile_y * r.tile_h;
+  tp.x0 = tile_x * r.tile_w;
+  tp.cols = min(r.tile_w, static_cast<int>(p.out_width) - tp.x0);
+  tp.count = min(r.tile_h, static_cast<int>(p.out_height) - tp.y0) * tp.cols;
   return tp;
 }
 
@@ -307,7 +337,8 @@ constexpr int sorted_tile_row(int group_channels) {
 // backward kernel: T224 s1 fp16 544 -> 508 us (-> 490 with phase 3 in place, which alone was slower at 2
 // lanes: 573), T det s1 fp16 384 -> 356 (-> 347). With 4 or 8 lanes, added to phase 3 in place, it made
 // rows slower (T224 s2 fp32 287 -> 306 us, 64x56x56x128 fp32 854 -> 911), so there the writers store
-// directly.
+// directly, except where the tile's offsets are staged (kOffsets, 4 lanes): then they write over them in
+// place, no extra shared memory (launch_backward_sorted).
 template <int LANES>
 constexpr bool sorted_gathers_offset_gradients() { return LANES == 2; }
 
@@ -325,6 +356,24 @@ size_t sorted_shared_bytes(const DCNv4Params& p, int cells) {
          + sizeof(int2) * kSortedEntries                      // key and weight, then sorted
          + sizeof(int) * (cells + 1)                          // per-cell counts, then starts
          + (kStaged ? 0 : sizeof(unsigned short) * cells);    // cells by count (else in the region)
+}
+
+// Where phase 1 records corner q of point k of tile pixel `local` (an entry: key and weight). At 2 lanes (16
+// pixels a warp, lanes 0 and 1 recording corners q and q + 2 in two stores) a store writes two runs of 16
+// pixels, 128 bytes each, in the corner-major layout: no bank conflicts. At 4 and 8 lanes (8 or 4 pixels a
+// warp, lane q recording corner q) the 4 corners' runs of that layout were 512 bytes apart, in the same banks
+// (4-way conflicts), so there a point's 4 corners of a pixel are adjacent and a warp's store covers 256 or 128
+// contiguous bytes (A/B on an H200, backward op: T224 s1 fp32 0.4349 -> 0.4177 ms, T det s4 fp32 0.0609 ->
+// 0.0589, 64x56x56x128 fp16 0.5462 -> 0.5338).
+template <int LANES>
+__device__ __forceinline__ int entry_slot(int k, int q, int local) {
+  return LANES == 2 ? (k * 4 + q) * kSortedPixels + local : (k * kSortedPixels + local) * 4 + q;
+}
+
+// The tile pixel whose entries slot e (and e + kThreads j) hold.
+template <int LANES>
+__device__ __forceinline__ int entry_pixel(int e) {
+  return (LANES == 2 ? e : e / 4) % kSortedPixels;
 }
 
 // Phase 4 takes the cells in order of decreasing entry count, so that the threads of a warp loop over
@@ -353,16 +402,20 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int cells = r.rows * r.cols, entries = kSortedPixels * K * 4;
   extern __shared__ __align__(128) unsigned char shared_bytes[];  // 128: the copy engine's alignment
   constexpr bool kGathered = sorted_gathers_offset_gradients<LANES>();
+  // The tile's offset gradients are written by a warp per pixel after phase 1, from gom_tile (kGathered) or,
+  // with kOffsets, from the staged offsets they replace (kept in place).
+  constexpr bool kWriteTile = kGathered || kOffsets;
   constexpr int kCellBytes = 16 * LANES;  // a region pixel's channels of the group: a vector a lane
   // kOffsets: first the tile's offsets and weights of the group, [pixel][offsets_row] from the 16-byte
   // boundary below the group's first one (staged_offsets_row)
   const int offsets_bytes = kOffsets ? kSortedPixels * offsets_row * static_cast<int>(sizeof(scalar_t)) : 0;
+  const int offsets_box_bytes = kOffsets ? r.tile_h * r.tile_w * offsets_row * static_cast<int>(sizeof(scalar_t)) : 0;
   scalar_t* staged_offsets = reinterpret_cast<scalar_t*>(shared_bytes);
   unsigned char* base = shared_bytes + offsets_bytes;
   uint4* region = reinterpret_cast<uint4*>(base);  // [cell][lane], if kStaged
   float* grad_tile = reinterpret_cast<float*>(base + (kStaged ? kCellBytes * cells : 0));  // [pixel][kRow]
   scalar_t* gom_tile = reinterpret_cast<scalar_t*>(grad_tile + kSortedPixels * kRow);  // [pixel][3 * K], if kGathered
-  // Per entry (indexed point, corner, pixel in phase 1), its key (kSortedCellShift, or -1) and the bits of
+  // Per entry (at entry_slot in phase 1), its key (kSortedCellShift, or -1) and the bits of
   // m * bilinear weight; from phase 3 on, the recorded entries sorted by cell: tile row (offset in floats)
   // and weight. One 8-byte record, so that phases 3 and 4 read an entry with one load.
   int2* entry = reinterpret_cast<int2*>(gom_tile + (kGathered ? kSortedPixels * 3 * K : 0));
@@ -377,10 +430,10 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int tile_y = blockIdx.x / tiles_x, tile_x = blockIdx.x - tile_y * tiles_x;
   const int g = blockIdx.y, n = blockIdx.z;
   // The tile's pixels inside the map are numbered row by row over the tile's columns inside the map, so
-  // that in a ragged tile (on a 28 x 28 map, 7 tiles of 16 are cut by its edge) the threads of the pixels
+  // that in a ragged tile (cut by the map's edge; sorted_region keeps them few) the threads of the pixels
   // past the edge are the last ones and whole warps of them skip phase 1 (measured on an H200, backward
   // kernel: 64x28x28x256 fp16 339 -> 319 us, T224 s2 fp32 285 -> 271, L det s4 fp32 139 -> 130).
-  const TilePixels tp = tile_pixels(p, tile_y, tile_x);
+  const TilePixels tp = tile_pixels(p, r, tile_y, tile_x);
   // Threads past the map's edge stay to take part in the shuffles; they read and write nothing.
   const bool active = local < tp.count;
   const int yo = active ? tp.y0 + local / tp.cols : 0, xo = active ? tp.x0 + local % tp.cols : 0;
@@ -392,9 +445,9 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int64_t om_pixel = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels);
   const int64_t om_offset = om_pixel + g * 3 * K;
   const int offsets_start = staged_offsets_start(g * 3 * K, sizeof(scalar_t));
-  const scalar_t* om = kOffsets ? staged_offsets + ((yo - tp.y0) * kSortedTile + xo - tp.x0) * offsets_row +
-                                      g * 3 * K - offsets_start
-                                : offset_mask + om_offset;
+  scalar_t* const staged_om =
+      staged_offsets + ((yo - tp.y0) * r.tile_w + xo - tp.x0) * offsets_row + g * 3 * K - offsets_start;
+  const scalar_t* om = kOffsets ? staged_om : offset_mask + om_offset;
   const int64_t image_offset = static_cast<int64_t>(n) * H * W * C;
   const int64_t lane_channels = image_offset + channel0 + lane * V;  // this lane's vector of pixel (0, 0)
   const scalar_t* lane_image = value + lane_channels;
@@ -409,7 +462,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const bool engine = kOffsets || (kStaged && copy_engine && (__cvta_generic_to_shared(region) & 127) == 0);
   if constexpr (kStaged) {
     if (engine) {
-      cuda_tma::arm_barrier(&copy_barrier, cells * kCellBytes + offsets_bytes);
+      cuda_tma::arm_barrier(&copy_barrier, cells * kCellBytes + offsets_box_bytes);
       if (threadIdx.x == 0) {
         cuda_tma::copy_box(region, &region_map, &copy_barrier, channel0, region_x, region_y, first_image + n);
         if (kOffsets) {
@@ -524,8 +577,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
           key = cell << kSortedCellShift | local << kSortedSlotBits | atomicAdd(cell_start + cell, 1);
           weight_q = pt.m * ((q & 2 ? ly : hy) * (q & 1 ? lx : hx));  // weight[q]
         }
-        // Consecutive pixels on consecutive records: the stores of a warp's pixels hit distinct banks.
-        if (q < 4) entry[(k * 4 + q) * kSortedPixels + local] = make_int2(key, __float_as_int(weight_q));
+        if (q < 4) entry[entry_slot<LANES>(k, q, local)] = make_int2(key, __float_as_int(weight_q));
         const unsigned outside = __ballot_sync(0xffffffffu, inside && !in_region);
         spilled |= (outside >> pixel_lane0 & ((1u << kRecorders) - 1)) << (j * LANES);
       }
@@ -537,12 +589,15 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
         }
       }
       write_point_gradients(grad_m, grad_x, grad_y, LANES, active && lane == 0, pt.flags & kPointNan, pt.m, scale,
-                            kGathered ? gom_tile + local * 3 * K : grad_offset_mask + om_offset, k, K);
+                            kGathered  ? gom_tile + local * 3 * K
+                            : kOffsets ? staged_om
+                                       : grad_offset_mask + om_offset,
+                            k, K);
     }
   }
   if (active && lane == 0 && g == p.group - 1) zero_offset_padding(grad_offset_mask + om_pixel, p);
   __syncthreads();
-  if constexpr (kGathered) {
+  if constexpr (kWriteTile) {
     // The tile's offset gradients: a warp writes a pixel's 3 * K <= 27 values (consecutive in memory) at a
     // time, the warps kWarps pixels apart, each pixel's row and column advanced by additions. (A thread per
     // value, with two divisions each to find its pixel and place, was 19 % of the kernel's instructions;
@@ -555,7 +610,10 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     int pixel = threadIdx.x / 32;
     int y = tp.y0 + pixel / tp.cols, x = tp.x0 + pixel % tp.cols;
     for (; pixel < tp.count; pixel += kWarps) {
-      if (warp_lane < per_pixel) image_gom[(y * out_width + x) * om_channels] = gom_tile[pixel * per_pixel + warp_lane];
+      const scalar_t* src = kGathered ? gom_tile + pixel * per_pixel
+                                      : staged_offsets + ((y - tp.y0) * r.tile_w + x - tp.x0) * offsets_row +
+                                            g * per_pixel - offsets_start;
+      if (warp_lane < per_pixel) image_gom[(y * out_width + x) * om_channels] = src[warp_lane];
       y += step_rows;
       x += step_cols;
       if (x >= end_x) {
@@ -606,8 +664,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   // memory a block at 16 channels; measured on an H200, fp32 64x56x56x128 backward kernel 871 -> 854 us.)
   {
     constexpr int kPerThread = (kSortedEntries + kThreads - 1) / kThreads;
-    static_assert(kThreads % kSortedPixels == 0, "a thread's entries are of one tile pixel");
-    const bool recorded = static_cast<int>(threadIdx.x % kSortedPixels) < tp.count;  // else skipped in phase 1
+    static_assert(kThreads % ((LANES == 2 ? 1 : 4) * kSortedPixels) == 0, "a thread's entries are of one tile pixel");
+    const bool recorded = entry_pixel<LANES>(threadIdx.x) < tp.count;  // else skipped in phase 1
     int2 record[kPerThread];  // key, weight bits
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
@@ -677,8 +735,8 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
                             scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
                             const SortedRegion& r, cudaStream_t stream) {
   static_assert(V % 4 == 0, "the grad_output tile is read as float4");
-  const int tiles_x = static_cast<int>((p.out_width + kSortedTile - 1) / kSortedTile);
-  const int64_t tiles = tiles_x * ((p.out_height + kSortedTile - 1) / kSortedTile);
+  const int tiles_x = static_cast<int>((p.out_width + r.tile_w - 1) / r.tile_w);
+  const int64_t tiles = tiles_x * ((p.out_height + r.tile_h - 1) / r.tile_h);
   TORCH_CHECK(tiles < (int64_t{1} << 31) && p.group < 65536, "dcnv4: output map too large");
   const size_t shared = sorted_shared_bytes<scalar_t, LANES, kStaged>(p, r.rows * r.cols);
   TORCH_INTERNAL_ASSERT(shared <= kSortedSharedLimit, "dcnv4: sorted backward needs ", shared,
@@ -700,10 +758,15 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
     // and weights for phase 1, as in the staged forward (backward op on an H200, offset gradients equal bit
     // for bit: T224 s1 fp32 0.4521 -> 0.4315 ms, T224 s2 fp32 0.2423 -> 0.2341, T det s1 fp32 0.3211 ->
     // 0.3031, 1x200x320x128 fp16 0.1949 -> 0.1868). At 2 lanes, whose blocks are bound by shared memory, it
-    // was level or up to 1.6 % slower (T224 s2 fp16 0.2218 -> 0.2252).
+    // was level or up to 1.6 % slower (T224 s2 fp16 0.2218 -> 0.2252). Phase 1 then writes the offset and
+    // weight gradients over the staged offsets, and a warp per pixel stores them (3 * K consecutive values):
+    // written from the pixels' first lanes, each was a partial-sector store of its own, 27 a pixel (A/B on an
+    // H200, backward op, offset gradients equal bit for bit: T224 s1 fp32 0.4146 -> 0.3963 ms, T det s1 fp32
+    // 0.2930 -> 0.2719, T det s4 fp32 0.0581 -> 0.0535; fp16/bf16 with 32 channels level; with 8 x 8 tiles
+    // T224 s2 fp32 was 1.7 % slower, 0.2316 -> 0.2355, with sorted_region's 4 x 14 level, 0.2153 -> 0.2144).
     const int row = staged_offsets_row(3 * p.points, sizeof(scalar_t));
     if (LANES == 4 && copy_engine &&
-        encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, row, kSortedTile)) {
+        encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, row, r.tile_h, r.tile_w)) {
       offsets_row = row;
       kernel = dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true>;
       total = shared + kSortedPixels * row * sizeof(scalar_t);  // may pass 48 KB: opt in

@@ -184,7 +184,7 @@ inline void for_each_batch_slice(int64_t images, Launch&& launch) {
   for (int64_t first = 0; first < images; first += kMaxZ) launch(first, std::min(kMaxZ, images - first));
 }
 
-// The input pixels that the corners of a tile x tile tile of output pixels can fall on, for a 3x3 kernel
+// The input pixels that the corners of a tile_h x tile_w tile of output pixels can fall on, for a 3x3 kernel
 // and learned offsets up to `margin` pixels (before offset_scale): `extent` pixels beyond the first and
 // last window centres of the tile, plus one row and column for the bottom-right corners. Its first pixel
 // is the tile's first window centre minus the extents.
@@ -192,15 +192,17 @@ struct TileRegion {
   int extent_h, extent_w, rows, cols;
 };
 
-inline TileRegion tile_region(const DCNv4Params& p, int tile, int margin) {
+inline TileRegion tile_region(const DCNv4Params& p, int tile_h, int tile_w, int margin) {
   const double scale = std::abs(p.offset_scale);
   TileRegion r;
   r.extent_h = static_cast<int>(std::ceil(scale * (p.dilation_h + margin)));  // 3x3: half = dilation
   r.extent_w = static_cast<int>(std::ceil(scale * (p.dilation_w + margin)));
-  r.rows = (tile - 1) * p.stride_h + 2 * r.extent_h + 2;
-  r.cols = (tile - 1) * p.stride_w + 2 * r.extent_w + 2;
+  r.rows = (tile_h - 1) * p.stride_h + 2 * r.extent_h + 2;
+  r.cols = (tile_w - 1) * p.stride_w + 2 * r.extent_w + 2;
   return r;
 }
+
+inline TileRegion tile_region(const DCNv4Params& p, int tile, int margin) { return tile_region(p, tile, tile, margin); }
 
 // Elements of a pixel's row of a tile's offsets and weights staged by the copy engine (the staged forward and
 // the sorted backward), for `channels` of them of `element_bytes` each: 16 bytes of slack, since a row starts
@@ -218,12 +220,12 @@ __host__ __device__ constexpr int staged_offsets_start(int first, int element_by
   return first & ~(16 / element_bytes - 1);
 }
 
-// The descriptor of a tile x tile box of offset_mask rows of `row` elements (staged_offsets_row); false where
-// the copy engine cannot stage them (encode_region_map: rows not a multiple of 16 bytes, before sm_90, ...).
+// The descriptor of a tile_h x tile_w box of offset_mask rows of `row` elements (staged_offsets_row); false
+// where the copy engine cannot stage them (encode_region_map: rows not a multiple of 16 bytes, before sm_90, ...).
 inline bool encode_offsets_map(cuda_tma::RegionMap* map, int device, const void* offset_mask, int element_bytes,
-                               const DCNv4Params& p, int row, int tile) {
+                               const DCNv4Params& p, int row, int tile_h, int tile_w) {
   return cuda_tma::encode_region_map(map, device, offset_mask, element_bytes, p.batch, p.out_height, p.out_width,
-                                     p.om_channels, row, tile, tile);
+                                     p.om_channels, row, tile_w, tile_h);
 }
 
 // The input pixel of region cell 0 of the tile whose first output pixel is (y0, x0); `r` a TileRegion or a

@@ -545,7 +545,8 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     const int offsets_row = staged_offsets_row(span * 3 * p.points, sizeof(scalar_t));
     const bool staged_offsets =
         copy_engine &&
-        encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, offsets_row, kStagedTile);
+        encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, offsets_row, kStagedTile,
+                           kStagedTile);
     const size_t shared = static_cast<size_t>(kStagedRowBytes) * r.rows * r.cols + kStagedBarrierBytes +
                           (staged_offsets ? sizeof(scalar_t) * kStagedTile * kStagedTile * offsets_row : 0);
     const auto kernel = staged_offsets ? dcnv4_forward_staged_kernel<scalar_t, kV, true>
