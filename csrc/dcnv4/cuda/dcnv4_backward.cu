@@ -409,6 +409,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   // kOffsets: first the tile's offsets and weights of the group, [pixel][offsets_row] from the 16-byte
   // boundary below the group's first one (staged_offsets_row)
   const int offsets_bytes = kOffsets ? kSortedPixels * offsets_row * static_cast<int>(sizeof(scalar_t)) : 0;
+  // The copy's bytes: the tile's tile_h x tile_w <= kSortedPixels rows.
   const int offsets_box_bytes = kOffsets ? r.tile_h * r.tile_w * offsets_row * static_cast<int>(sizeof(scalar_t)) : 0;
   scalar_t* staged_offsets = reinterpret_cast<scalar_t*>(shared_bytes);
   unsigned char* base = shared_bytes + offsets_bytes;
