@@ -446,8 +446,12 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   const int64_t om_pixel = out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels);
   const int64_t om_offset = om_pixel + g * 3 * K;
   const int offsets_start = staged_offsets_start(g * 3 * K, sizeof(scalar_t));
-  scalar_t* const staged_om =
-      staged_offsets + ((yo - tp.y0) * r.tile_w + xo - tp.x0) * offsets_row + g * 3 * K - offsets_start;
+  // Tile pixel (y, x)'s offsets and weights of group g in the staged offsets (kOffsets): read in phase 1, then
+  // overwritten by their gradients.
+  const auto staged_pixel = [&](int y, int x) {
+    return staged_offsets + ((y - tp.y0) * r.tile_w + x - tp.x0) * offsets_row + g * 3 * K - offsets_start;
+  };
+  scalar_t* const staged_om = staged_pixel(yo, xo);
   const scalar_t* om = kOffsets ? staged_om : offset_mask + om_offset;
   const int64_t image_offset = static_cast<int64_t>(n) * H * W * C;
   const int64_t lane_channels = image_offset + channel0 + lane * V;  // this lane's vector of pixel (0, 0)
@@ -611,9 +615,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     int pixel = threadIdx.x / 32;
     int y = tp.y0 + pixel / tp.cols, x = tp.x0 + pixel % tp.cols;
     for (; pixel < tp.count; pixel += kWarps) {
-      const scalar_t* src = kGathered ? gom_tile + pixel * per_pixel
-                                      : staged_offsets + ((y - tp.y0) * r.tile_w + x - tp.x0) * offsets_row +
-                                            g * per_pixel - offsets_start;
+      const scalar_t* src = kGathered ? gom_tile + pixel * per_pixel : staged_pixel(y, x);
       if (warp_lane < per_pixel) image_gom[(y * out_width + x) * om_channels] = src[warp_lane];
       y += step_rows;
       x += step_cols;

@@ -202,8 +202,6 @@ inline TileRegion tile_region(const DCNv4Params& p, int tile_h, int tile_w, int 
   return r;
 }
 
-inline TileRegion tile_region(const DCNv4Params& p, int tile, int margin) { return tile_region(p, tile, tile, margin); }
-
 // Elements of a pixel's row of a tile's offsets and weights staged by the copy engine (the staged forward and
 // the sorted backward), for `channels` of them of `element_bytes` each: 16 bytes of slack, since a row starts
 // at the 16-byte boundary below the block's first offset (the copy engine raised an illegal-instruction fault

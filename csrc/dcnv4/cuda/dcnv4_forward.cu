@@ -512,7 +512,7 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
       return false;
     }
     const int span = kStagedRowBytes / group_bytes;
-    const TileRegion r = tile_region(p, kStagedTile, kStagedMargin);
+    const TileRegion r = tile_region(p, kStagedTile, kStagedTile, kStagedMargin);
     if (p.group % span != 0 || p.group / span >= 65536 || r.rows * r.cols > kStagedMaxCells ||
         p.out_height < kStagedTile || p.out_width < kStagedTile) {
       return false;
