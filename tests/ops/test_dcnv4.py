@@ -197,6 +197,34 @@ def test_nan_offset_poisons_only_its_pixel_and_group(device, dtype, rng):
 
 
 @pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype,d', [(torch.float32, 16), (torch.float32, 32), (torch.float16, 16), (torch.float16, 32),
+                                     (torch.bfloat16, 16)], ids=lambda v: str(v).replace('torch.', ''))
+def test_weight_of_a_point_outside_the_image_is_ignored(device, dtype, d, rng):
+    """A point outside the image contributes nothing whatever its weight m (the contract): a NaN or Inf m
+    there leaves the output and every gradient finite and equal to the float64 reference's; a NaN offset
+    still poisons its pixel. Small maps: the kernels that read a point's corners together."""
+    n, h, w, g = 2, 6, 7, 2
+    value, om = make_inputs(rng, n, h, w, g, d, offset_std=0.5)
+    om[0, 0, 0, 0:2] = -4.0  # group 0, point 0 of pixel (0, 0) lands at (-5, -5): outside
+    om[0, 0, 0, 18] = float('nan')  # its m
+    om[1, 5, 6, 27 + 16:27 + 18] = 4.0  # group 1, point 8 of pixel (5, 6) lands at (10, 11): outside
+    om[1, 5, 6, 27 + 26] = float('inf')  # its m
+    value = value.to(device, dtype).requires_grad_()
+    om = om.to(device, dtype).requires_grad_()
+    out = dcnv4(value, om, group=g)
+    grad = torch.randn(out.shape, generator=rng, dtype=torch.float64).to(device, dtype)
+    got = torch.autograd.grad(out, (value, om), grad)
+    value64, om64 = value.detach().double().requires_grad_(), om.detach().double().requires_grad_()
+    ref = dcnv4_reference(value64, om64, group=g)
+    want = torch.autograd.grad(ref, (value64, om64), grad.double())
+    for t in (out, *got, ref, *want):
+        assert torch.isfinite(t).all()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    assert rel_err(got[0], want[0]) < GRAD_TOLERANCE[dtype] and rel_err(got[1], want[1]) < GRAD_TOLERANCE[dtype]
+    assert got[1][0, 0, 0, [0, 1, 18]].eq(0).all() and got[1][1, 5, 6, [27 + 16, 27 + 17, 27 + 26]].eq(0).all()
+
+
+@pytest.mark.parametrize('device', DEVICES)
 def test_nan_propagates(device, rng):
     value, om = make_inputs(rng, 1, 6, 6, 1, 8, offset_std=0.0, device=device)
     om[..., :18] = 0  # the regular 3x3 grid: every point lands on a pixel centre
@@ -484,14 +512,16 @@ def offsets_extra(rows, group, k):
     return -(group * 3 * k) % 8 if rows == 'padded' else 5
 
 
-def sorted_kernel_ran(prof, rows):
+def sorted_kernel_ran(prof, rows, remove_center):
     """The sorted backward ran, with the tile's offsets staged when it stages its region at 4 lanes a pixel
-    (kernel template arguments: lanes, region staged, offsets staged) and the rows are padded (sm_90)."""
-    pattern = re.compile(r'sorted_kernel<[^,]+, \d+, (\d+), (true|false), (true|false)>')
+    and the rows are padded (sm_90), and its remove_center (fixed at compile time) the call's (kernel
+    template arguments: lanes, region staged, offsets staged, remove_center)."""
+    pattern = re.compile(r'sorted_kernel<[^,]+, \d+, (\d+), (true|false), (true|false), (true|false)>')
     found = [m for m in (pattern.search(e.name) for e in prof.events()) if m]
     sm90 = torch.cuda.get_device_capability() >= (9, 0)
     return bool(found) and all(
-        (m[3] == 'true') == (rows == 'padded' and sm90 and m[1] == '4' and m[2] == 'true') for m in found)
+        (m[3] == 'true') == (rows == 'padded' and sm90 and m[1] == '4' and m[2] == 'true') and
+        m[4] == str(remove_center).lower() for m in found)
 
 
 @pytest.mark.cuda
@@ -530,7 +560,7 @@ def test_cuda_sorted_value_gradient(name, dtype, d, rows, rng):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         got = torch.autograd.grad(dcnv4(value, om, *args), (value, om), grad)
         torch.cuda.synchronize()
-    assert sorted_kernel_ran(prof, rows)
+    assert sorted_kernel_ran(prof, rows, rc)
     assert rel_err(got[0], want[0]) < GRAD_TOLERANCE[dtype]
     assert rel_err(got[1], want[1]) < GRAD_TOLERANCE[dtype]
     with deterministic_algorithms():
@@ -548,11 +578,13 @@ STAGED_CASES = sorted(name for name in SORTED_CASES
                       if name not in ('stride_2', 'small_ragged_map', 'map_28x28', 'map_3x40'))
 
 
-def staged_kernel_ran(prof, rows):
-    """The staged forward ran, with its offsets staged when the rows are padded (sm_90)."""
+def staged_kernel_ran(prof, rows, remove_center=False):
+    """The staged forward ran, with its offsets staged when the rows are padded (sm_90) and its
+    remove_center (fixed at compile time) the call's (the last two template arguments)."""
     names = [e.name for e in prof.events() if 'dcnv4_forward_staged_kernel' in e.name]
     staged = 'true' if rows == 'padded' and torch.cuda.get_device_capability() >= (9, 0) else 'false'
-    return bool(names) and all(re.search(rf'staged_kernel<[^>]*, {staged}>', n) for n in names)
+    return bool(names) and all(
+        re.search(rf'staged_kernel<[^>]*, {staged}, {str(remove_center).lower()}>', n) for n in names)
 
 
 def staged_batch(ho, wo):
@@ -586,7 +618,7 @@ def test_cuda_staged_forward(name, dtype, d, rows, rng):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = dcnv4(value, om, *args)
         torch.cuda.synchronize()
-    assert staged_kernel_ran(prof, rows)
+    assert staged_kernel_ran(prof, rows, rc)
     assert out.shape[1:3] == (ho, wo)
     for i in (0, n // 2, n - 1):
         assert torch.equal(out[i:i + 1], dcnv4(value[i:i + 1], om[i:i + 1], *args))

@@ -175,8 +175,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           }
         }
       }
+      // A point outside the image gets zero offset gradients whatever its m (0 * NaN would not be zero).
       write_point_gradients(grad_m, grad_x, grad_y, t.lanes, active && at.lane == 0, !c.used && (isnan(x) || isnan(y)),
-                            m, scale, grad_offset_mask + om_offset, k, K);
+                            c.used ? m : acc_t(0), scale, grad_offset_mask + om_offset, k, K);
     }
   }
   if (active && at.lane == 0 && at.g == p.group - 1) zero_offset_padding(grad_offset_mask + om_pixel, p);
@@ -199,13 +200,15 @@ constexpr int kPointUsed = 1 << 4, kPointNan = 1 << 5;
 
 // Point k of the window at `centre`, whose (pixel, group) offsets and weights start at `om`. Values as
 // bilinear_corners computes them.
-template <int KH, int KW, typename scalar_t>
+template <int KH, int KW, int kRemoveCenter = -1, typename scalar_t>
 __device__ __forceinline__ ShuffledPoint shuffled_point(const DCNv4Params& p, const scalar_t* __restrict__ om,
                                                         const WindowOrigin<float>& centre, int k, int H, int W) {
-  const SamplePoint sp = sample_point<KH, KW>(p, om, centre, k);
+  const SamplePoint sp = sample_point<KH, KW, kRemoveCenter>(p, om, centre, k);
   const float x = sp.x, y = sp.y;
   ShuffledPoint pt = {0, 0, 0, 0.f, 0.f, sp.m};
   if (!(y > -1.f && y < static_cast<float>(H) && x > -1.f && x < static_cast<float>(W))) {
+    // Outside the image: zero offset gradients whatever m (0 * NaN would not be), no corners
+    pt.m = 0.f;
     if (isnan(x) || isnan(y)) pt.flags = kPointNan;
     return pt;
   }
@@ -385,7 +388,7 @@ __device__ __forceinline__ int count_bucket(int count) { return kSortedBuckets -
 
 // 64 registers at most (16 / LANES blocks of 64 * LANES threads fill the register file): 2 lanes with no
 // bound took 71.
-template <typename scalar_t, int V, int LANES, bool kStaged, bool kOffsets>
+template <typename scalar_t, int V, int LANES, bool kStaged, bool kOffsets, bool kRemoveCenter>
 __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     dcnv4_backward_sorted_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
@@ -398,7 +401,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   constexpr int D = V * LANES;  // one vector a lane (try_backward_sorted)
   constexpr int kRow = sorted_tile_row<scalar_t, LANES>(D);
   constexpr bool kCopies = sorted_tile_copies<scalar_t, LANES>();
-  const int K = p.points;
+  constexpr int K = kRemoveCenter ? 8 : 9;
   const int cells = r.rows * r.cols, entries = kSortedPixels * K * 4;
   extern __shared__ __align__(128) unsigned char shared_bytes[];  // 128: the copy engine's alignment
   constexpr bool kGathered = sorted_gathers_offset_gradients<LANES>();
@@ -525,7 +528,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     if (!warp_active) break;
     const int first = round * LANES;
     ShuffledPoint mine = {0, 0, 0, 0.f, 0.f, 0.f};
-    if (active && first + lane < K) mine = shuffled_point<3, 3>(p, om, centre, first + lane, H, W);
+    if (active && first + lane < K) mine = shuffled_point<3, 3, kRemoveCenter>(p, om, centre, first + lane, H, W);
 #pragma unroll
     for (int src = 0; src < LANES; ++src) {
       const int k = first + src;
@@ -750,7 +753,15 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   cuda_tma::RegionMap region_map{}, offsets_map{};
   bool copy_engine = false;
   int offsets_row = 0;
-  auto kernel = dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, false>;
+  // remove_center fixed at compile time: the point count and each point's grid position are constants
+  // (backward op on an H200, offset gradients equal bit for bit: 64x28x28x256 fp32 0.4052 -> 0.3952 ms,
+  // 64x14x14x512 fp32 0.2205 -> 0.2145, T224 s2 fp32 0.2139 -> 0.2129; docs/dcnv4_op.md)
+  auto pick = [&](auto offsets_staged) {
+    constexpr bool kOffsets = decltype(offsets_staged)::value;
+    return p.remove_center ? dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, kOffsets, true>
+                           : dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, kOffsets, false>;
+  };
+  auto kernel = pick(std::false_type{});
   size_t total = shared;
   if constexpr (kStaged) {
     int device = 0;
@@ -771,12 +782,14 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
     if (LANES == 4 && copy_engine &&
         encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, row, r.tile_h, r.tile_w)) {
       offsets_row = row;
-      kernel = dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true>;
+      kernel = pick(std::true_type{});
       total = shared + kSortedPixels * row * sizeof(scalar_t);  // may pass 48 KB: opt in
       constexpr int kMostShared = kSortedSharedLimit + kSortedPixels * staged_offsets_row(27, sizeof(scalar_t)) *
                                                            static_cast<int>(sizeof(scalar_t));
-      cuda_buffers::allow_dynamic_shared<dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true>, kMostShared>(
-          device);
+      cuda_buffers::allow_dynamic_shared<dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true, false>,
+                                         kMostShared>(device);
+      cuda_buffers::allow_dynamic_shared<dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true, true>,
+                                         kMostShared>(device);
     }
   }
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {

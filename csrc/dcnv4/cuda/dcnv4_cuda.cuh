@@ -292,15 +292,19 @@ struct SamplePoint {
   float x, y, m;
 };
 
-template <int KH, int KW, typename scalar_t>
+// kRemoveCenter: -1 reads remove_center (and so the point count) from p; 0 or 1 fixes it at compile time,
+// which leaves each unrolled point's grid position and weight index constants.
+template <int KH, int KW, int kRemoveCenter = -1, typename scalar_t>
 __device__ __forceinline__ SamplePoint sample_point(const DCNv4Params& p, const scalar_t* __restrict__ om,
                                                     const WindowOrigin<float>& centre, int k) {
   constexpr int kCentrePoint = (KW / 2) * KH + KH / 2;
-  const int grid_point = k + (p.remove_center && k >= kCentrePoint ? 1 : 0);
+  const bool remove_center = kRemoveCenter < 0 ? p.remove_center : kRemoveCenter == 1;
+  const int points = kRemoveCenter < 0 ? p.points : KH * KW - kRemoveCenter;
+  const int grid_point = k + (remove_center && k >= kCentrePoint ? 1 : 0);
   const int i = grid_point / KH, j = grid_point - i * KH;
   const auto pos =
       sampling_position<KH, KW>(p, centre, i, j, static_cast<float>(om[2 * k]), static_cast<float>(om[2 * k + 1]));
-  return {pos.x, pos.y, static_cast<float>(om[2 * p.points + k])};
+  return {pos.x, pos.y, static_cast<float>(om[2 * points + k])};
 }
 
 // Bit q set when bilinear corner q (top-left, top-right, bottom-left, bottom-right) of a point whose
