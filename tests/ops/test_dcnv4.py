@@ -201,8 +201,9 @@ def test_nan_offset_poisons_only_its_pixel_and_group(device, dtype, rng):
                                      (torch.bfloat16, 16)], ids=lambda v: str(v).replace('torch.', ''))
 def test_weight_of_a_point_outside_the_image_is_ignored(device, dtype, d, rng):
     """A point outside the image contributes nothing whatever its weight m (the contract): a NaN or Inf m
-    there leaves the output and every gradient finite and equal to the float64 reference's; a NaN offset
-    still poisons its pixel. Small maps: the kernels that read a point's corners together."""
+    there leaves the output and every gradient finite and equal to the float64 reference's, and that
+    point's offset and weight gradients zero. Small maps: on CUDA the kernels that read a point's corners
+    together (fp16/bf16; fp32 with 16 channels) and the sorted backward."""
     n, h, w, g = 2, 6, 7, 2
     value, om = make_inputs(rng, n, h, w, g, d, offset_std=0.5)
     om[0, 0, 0, 0:2] = -4.0  # group 0, point 0 of pixel (0, 0) lands at (-5, -5): outside
