@@ -200,7 +200,7 @@ constexpr int kPointUsed = 1 << 4, kPointNan = 1 << 5;
 
 // Point k of the window at `centre`, whose (pixel, group) offsets and weights start at `om`. Values as
 // bilinear_corners computes them.
-template <int KH, int KW, int kRemoveCenter = -1, typename scalar_t>
+template <int KH, int KW, bool kRemoveCenter, typename scalar_t>
 __device__ __forceinline__ ShuffledPoint shuffled_point(const DCNv4Params& p, const scalar_t* __restrict__ om,
                                                         const WindowOrigin<float>& centre, int k, int H, int W) {
   const SamplePoint sp = sample_point<KH, KW, kRemoveCenter>(p, om, centre, k);
@@ -532,7 +532,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
 #pragma unroll
     for (int src = 0; src < LANES; ++src) {
       const int k = first + src;
-      if (first + src >= 9 || k >= K) break;
+      if (k >= K) break;
       const ShuffledPoint pt = shuffle_point(mine, src, LANES);
       const float lx = pt.lx, ly = pt.ly, hx = 1.f - lx, hy = 1.f - ly;
       const float weight[4] = {hy * hx, hy * lx, ly * hx, ly * lx};  // as bilinear_corners
