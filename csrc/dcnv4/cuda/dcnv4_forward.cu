@@ -496,13 +496,15 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   }
 }
 
-// Runs the staged forward when it applies and pays: a 3x3 kernel; fp32, fp16 or bf16; a group of 32, 64
-// or 128 bytes (two 16-byte vectors a thread, 1 to 4 threads a group) whose 128-byte rows of groups
-// divide the channels; 16-byte aligned tensors; a region of at most kStagedMaxCells pixels; an output map
-// of at least a tile; and a problem of at least 1.25 waves of the device. On smaller problems the copy
-// into shared memory and the barrier after it are not hidden behind other blocks' work, and a map smaller
-// than a tile leaves part of every block idle (measured on an H200: T det s4 2x25x42x512 fp32 0.0218 ->
-// 0.0242 ms, 1x25x40x1024 fp16 0.0143 -> 0.0157, 64x7x7x1024 fp32 0.0397 -> 0.0421).
+// Runs the staged forward when it applies: a 3x3 kernel; fp32, fp16 or bf16; a group of 32, 64 or 128 bytes
+// (two 16-byte vectors a thread, 1 to 4 threads a group) whose 128-byte rows of groups divide the channels;
+// 16-byte aligned tensors; a region of at most kStagedMaxCells pixels; and an output map of at least a tile
+// (a smaller map leaves part of every block idle). Whatever the problem's size: its output is that of the
+// other kernels bit for bit, and since the copy engine stages the region and the offsets it is also faster on
+// problems under a wave of the device, where a rule of at least 1.25 waves had kept it off (measured on an
+// H200, outputs equal bit for bit: FlashInternImage-L stage 4 2x25x42x1280 bf16 0.0332 -> 0.0250 ms, fp16
+// 0.0310 -> 0.0253; T det s4 2x25x42x512 fp16 0.0204 -> 0.0154; 1x25x40x1024 fp32 0.0197 -> 0.0154; no row
+// slower beyond noise; docs/dcnv4_op.md). The choice then does not depend on the batch either.
 template <typename scalar_t>
 bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                         cudaStream_t stream) {
@@ -523,12 +525,6 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     }
     int device = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
-    const int64_t threads = p.batch * p.out_height * p.out_width * p.group * (group_bytes / 32);
-    const int64_t wave = cuda_buffers::cached_per_device(device, [](int d) {  // blocks with the largest region
-      return cuda_buffers::kernel_wave_threads(d, dcnv4_forward_staged_kernel<scalar_t, kV, false, false>,
-                                               kStagedThreads, kStagedRowBytes * kStagedMaxCells + kStagedBarrierBytes);
-    });
-    if (4 * threads < 5 * wave) return false;
     TileShape t;
     t.lanes = group_bytes / 32;
     t.chunks = 1;
@@ -604,7 +600,7 @@ bool two_vectors_fill_device(const DCNv4Params& p) {
 
 // Instantiates only what is used: fp64 (for gradcheck) and channel counts that allow no 16-byte vectors
 // take the generic kernel; the others get 16-byte vectors, and 3x3 the staged kernel where it applies
-// and pays (try_forward_staged), else one of the kernels that share a point's geometry (shuffles, shared
+// (try_forward_staged), else one of the kernels that share a point's geometry (shuffles, shared
 // memory) or give a thread two vectors. The 3x3 fp16/bf16 kernels and fp32 with 4 lanes issue a point's
 // loads together (measured on an H200, outputs equal bit for bit: T224 s3 fp16 0.0403 -> 0.0330 ms,
 // 64x56x56x128 bf16 0.1879 -> 0.1712, T224 s1 fp32 0.1549 -> 0.1483); fp32 with 8 lanes does not (it
