@@ -601,7 +601,7 @@ def staged_batch(ho, wo):
 def test_cuda_staged_forward(name, dtype, d, rows, rng):
     """A 3x3 fp32/fp16/bf16 forward of 32 to 128 bytes a group takes the kernel that stages each tile's
     input region in shared memory (kernel name checked), over a batch that fills the GPU and in per-image
-    calls alike (the choice does not depend on the problem's size). The batch equals bit for bit the
+    calls alike (the choice does not depend on the batch). The batch equals bit for bit the
     per-image calls and matches the float64 reference, with offsets past the region, dilation,
     remove_center, offset_scale, points piled on one spot, on pixel edges and past the border, and maps that
     are not a multiple of the tile; every element written (allocator poisoned)."""

@@ -499,12 +499,12 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
 // Runs the staged forward when it applies: a 3x3 kernel; fp32, fp16 or bf16; a group of 32, 64 or 128 bytes
 // (two 16-byte vectors a thread, 1 to 4 threads a group) whose 128-byte rows of groups divide the channels;
 // 16-byte aligned tensors; a region of at most kStagedMaxCells pixels; and an output map of at least a tile
-// (a smaller map leaves part of every block idle). Whatever the problem's size: its output is that of the
-// other kernels bit for bit, and since the copy engine stages the region and the offsets it is also faster on
-// problems under a wave of the device, where a rule of at least 1.25 waves had kept it off (measured on an
-// H200, outputs equal bit for bit: FlashInternImage-L stage 4 2x25x42x1280 bf16 0.0332 -> 0.0250 ms, fp16
-// 0.0310 -> 0.0253; T det s4 2x25x42x512 fp16 0.0204 -> 0.0154; 1x25x40x1024 fp32 0.0197 -> 0.0154; no row
-// slower beyond noise; docs/dcnv4_op.md). The choice then does not depend on the batch either.
+// (a smaller map leaves part of every block idle). Whatever the batch, so the choice does not depend on it
+// (its output is that of the other kernels bit for bit anyway): with the region and the offsets staged by
+// the copy engine it is also faster on problems under a wave of the device, where a rule of at least 1.25
+// waves had kept it off (measured on an H200, outputs equal bit for bit: FlashInternImage-L stage 4
+// 2x25x42x1280 bf16 0.0332 -> 0.0250 ms, fp16 0.0310 -> 0.0253; T det s4 2x25x42x512 fp16 0.0204 -> 0.0154;
+// 1x25x40x1024 fp32 0.0197 -> 0.0154; no row slower beyond noise; docs/dcnv4_op.md).
 template <typename scalar_t>
 bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scalar_t* output, const DCNv4Params& p,
                         cudaStream_t stream) {
