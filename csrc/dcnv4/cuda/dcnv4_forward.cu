@@ -334,36 +334,37 @@ void launch_forward_shared(const scalar_t* value, const scalar_t* offset_mask, s
   });
 }
 
-// The 3x3 forward with the tile's input region staged in shared memory. A block takes an 8 x 8 tile of
-// output pixels and as many groups as fill a 128-byte row (4 groups of 16 fp16 channels, 2 of 32, ...).
-// Its windows, plus a margin of learned offset, fall on a region of about 17 x 17 input pixels, which the
-// block first copies into shared memory (whole 128-byte rows, zeros outside the image); the gathers then
-// read shared memory instead of L1, where a warp's 16-byte corner loads touch one cache line per thread
-// and bound the other kernels (ncu, T224 s2 fp16: L1/TEX throughput 84 % -> 48 %, 60.9 -> 51.6 us;
-// docs/dcnv4_op.md). From shared memory, 8 threads reading the 8 distinct 16-byte columns of their rows
-// take one wavefront whatever the rows. With two vectors a thread (4 threads a pixel), the threads of odd
-// pixels read their vectors in the other order, so that the 8 threads of a quarter warp (two pixels) still
-// read 8 distinct columns. Points whose corners leave the region (offsets past the margin) read the image
-// through L1 as before. Same sums in the same order as dcnv4_forward_kernel: the output is the same bit
-// for bit. On sm_90 one thread has the copy engine (TMA) copy the whole region: the copy loop had cost every
-// thread 24 instructions per 16 bytes, 12 % of the kernel's instructions and 17 % of its stall samples (ncu,
-// 64x28x28x256 fp16); with the copy engine, outputs equal bit for bit, measured on an H200: that row 0.0914
-// -> 0.0842 ms, T224 s1 fp32 0.1325 -> 0.1215, 64x56x56x128 fp32 0.2125 -> 0.1926 (docs/dcnv4_op.md). In
-// the same copy it brings the tile's offsets and weights into shared memory (kStagedOffsets), where the
-// threads read them instead of from global memory: their long-scoreboard waits had been 10 % of the stall
-// samples (ncu, 64x28x28x256 fp16). Measured on an H200, outputs equal bit for bit: T224 s1 fp32 0.1257 ->
-// 0.0878 ms, T det s1 fp32 0.0889 -> 0.0631, T224 s2 fp16 0.0478 -> 0.0444 (docs/dcnv4_op.md).
-constexpr int kStagedTile = 8;        // tile side, in output pixels
+// The 3x3 forward with the tile's input region staged in shared memory. A block takes a tile of up to 64
+// output pixels (8 x 8 on most maps; staged_tile) and as many groups as fill a 128-byte row (4 groups of 16
+// fp16 channels, 2 of 32, ...). Its windows, plus a margin of learned offset, fall on a region of input
+// pixels (17 x 17 for an 8 x 8 tile), which the block first copies into shared memory (whole 128-byte rows,
+// zeros outside the image); the gathers then read shared memory instead of L1, where a warp's 16-byte corner
+// loads touch one cache line per thread and bound the other kernels (ncu, T224 s2 fp16: L1/TEX throughput 84
+// % -> 48 %, 60.9 -> 51.6 us; docs/dcnv4_op.md). From shared memory, 8 threads reading the 8 distinct 16-byte
+// columns of their rows take one wavefront whatever the rows. With two vectors a thread (4 threads a pixel),
+// the threads of odd pixels read their vectors in the other order, so that the 8 threads of a quarter warp
+// (two pixels) still read 8 distinct columns. Points whose corners leave the region (offsets past the margin)
+// read the image through L1 as before. Same sums in the same order as dcnv4_forward_kernel: the output is the
+// same bit for bit. On sm_90 one thread has the copy engine (TMA) copy the whole region: the copy loop had
+// cost every thread 24 instructions per 16 bytes, 12 % of the kernel's instructions and 17 % of its stall
+// samples (ncu, 64x28x28x256 fp16); with the copy engine, outputs equal bit for bit, measured on an H200:
+// that row 0.0914 -> 0.0842 ms, T224 s1 fp32 0.1325 -> 0.1215, 64x56x56x128 fp32 0.2125 -> 0.1926
+// (docs/dcnv4_op.md). In the same copy it brings the tile's offsets and weights into shared memory
+// (kStagedOffsets), where the threads read them instead of from global memory: their long-scoreboard waits
+// had been 10 % of the stall samples (ncu, 64x28x28x256 fp16). Measured on an H200, outputs equal bit for
+// bit: T224 s1 fp32 0.1257 -> 0.0878 ms, T det s1 fp32 0.0889 -> 0.0631, T224 s2 fp16 0.0478 -> 0.0444
+// (docs/dcnv4_op.md).
+constexpr int kStagedPixels = 64;     // a tile's output pixels at most
+constexpr int kStagedMinSide = 8;     // maps smaller than this either way take the other kernels
 constexpr int kStagedRowBytes = 128;  // a region pixel: the block's groups' channels
 constexpr int kStagedColumns = kStagedRowBytes / 16;
 constexpr int kStagedMargin = 3;      // learned offsets (before offset_scale) up to this many pixels
 constexpr int kStagedBarrierBytes = 16;  // the copy engine's barrier, after the region (and offsets)
 constexpr int kStagedMaxCells = (48 * 1024 - kStagedBarrierBytes) / kStagedRowBytes;  // 48 KB in all
 constexpr int kStagedThreadsPerPixel = kStagedRowBytes / 32;  // two 16-byte vectors a thread
-constexpr int kStagedThreads = kStagedTile * kStagedTile * kStagedThreadsPerPixel;
+constexpr int kStagedThreads = kStagedPixels * kStagedThreadsPerPixel;  // a block's threads at most
 
-// Two 16-byte vectors a thread: 4 threads a (pixel, 128-byte row), 8 pixels a warp, as 4 x 2 pixels so
-// that maps 4 pixels wide (T224 s2's 28, ...) leave no warp half empty.
+// Two 16-byte vectors a thread: 4 threads a (pixel, 128-byte row), 8 pixels a warp, row by row in the tile.
 template <typename scalar_t, int V, bool kStagedOffsets, bool kRemoveCenter>
 __global__ void __launch_bounds__(kStagedThreads, 4)
     dcnv4_forward_staged_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
@@ -383,12 +384,13 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   const int tile_y = blockIdx.x / t.tiles_x, tile_x = blockIdx.x - tile_y * t.tiles_x;
   const int first_group = blockIdx.y * t.group_span;
   const scalar_t* image = value + static_cast<int64_t>(blockIdx.z) * H * W * C;
-  const RegionOrigin origin = region_origin(p, r, tile_y * kStagedTile, tile_x * kStagedTile);
+  const int tile_y0 = tile_y * t.tile_h, tile_x0 = tile_x * t.tile_w;
+  const RegionOrigin origin = region_origin(p, r, tile_y0, tile_x0);
   const int region_y = origin.y, region_x = origin.x;
 
   const int region_bytes = r.rows * r.cols * kStagedRowBytes;
   scalar_t* staged_offsets = reinterpret_cast<scalar_t*>(region + r.rows * r.cols * kStagedColumns);
-  const int offsets_bytes = kStagedOffsets ? kStagedTile * kStagedTile * offsets_row * sizeof(scalar_t) : 0;
+  const int offsets_bytes = kStagedOffsets ? t.tile_h * t.tile_w * offsets_row * sizeof(scalar_t) : 0;
   // The block's first offset channel, rounded down to 16 bytes (see staged_offsets_row).
   const int offsets_start = staged_offsets_start(first_group * 3 * K, sizeof(scalar_t));
   if (kStagedOffsets || copy_engine) {
@@ -398,8 +400,7 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
     if (threadIdx.x == 0) {
       cuda_tma::copy_box(region, &region_map, barrier, first_group * D, region_x, region_y, image);
       if (kStagedOffsets) {
-        cuda_tma::copy_box(staged_offsets, &offsets_map, barrier, offsets_start, tile_x * kStagedTile,
-                           tile_y * kStagedTile, image);
+        cuda_tma::copy_box(staged_offsets, &offsets_map, barrier, offsets_start, tile_x0, tile_y0, image);
       }
     }
     cuda_tma::wait_region(barrier);
@@ -409,24 +410,22 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
     __syncthreads();
   }
 
-  // lane, group, then pixel; pixel i of warp w at row (w / 2) * 2 + i / 4, column (w % 2) * 4 + i % 4. A
-  // pixel's kStagedThreadsPerPixel threads are t.lanes (1, 2 or 4) threads for each of t.group_span groups:
-  // shifts and masks instead of divisions by run-time values.
+  // lane, group, then pixel; the tile's pixels row by row, 8 a warp. A pixel's kStagedThreadsPerPixel threads
+  // are t.lanes (1, 2 or 4) threads for each of t.group_span groups: shifts and masks instead of divisions by
+  // run-time values.
   const int pixel_thread = threadIdx.x % kStagedThreadsPerPixel, lanes_log2 = t.lanes >> 1;
   const int lane = pixel_thread & (t.lanes - 1);
   const int local = threadIdx.x / kStagedThreadsPerPixel, g = first_group + (pixel_thread >> lanes_log2);
-  const int warp = local / 8, in_warp = local % 8;
-  const int yo = tile_y * kStagedTile + (warp / 2) * 2 + in_warp / 4;
-  const int xo = tile_x * kStagedTile + (warp % 2) * 4 + in_warp % 4;
-  if (yo >= p.out_height || xo >= p.out_width) return;
+  const int ty = local / t.tile_w, tx = local - ty * t.tile_w;
+  const int yo = tile_y0 + ty, xo = tile_x0 + tx;
+  if (local >= t.tile_h * t.tile_w || yo >= p.out_height || xo >= p.out_width) return;
   // Odd pixels take their vectors in the other order (see above): acc[u * V + e] holds vector u ^ flip.
-  const int flip = in_warp & 1;
+  const int flip = local & 1;
   const int channel = g * D + lane * (V * NV);
   const int out_pixel = yo * static_cast<int>(p.out_width) + xo;
   const int64_t out_image = static_cast<int64_t>(blockIdx.z) * p.out_height * p.out_width;
   const scalar_t* om =
-      kStagedOffsets ? staged_offsets + g * 3 * K - offsets_start +
-                           ((yo - tile_y * kStagedTile) * kStagedTile + xo - tile_x * kStagedTile) * offsets_row
+      kStagedOffsets ? staged_offsets + g * 3 * K - offsets_start + (ty * t.tile_w + tx) * offsets_row
                      : offset_mask + out_image * p.om_channels + out_pixel * static_cast<int>(p.om_channels) +
                            g * 3 * K;
   const scalar_t* lane_image = image + channel;
@@ -496,11 +495,47 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   }
 }
 
+// The staged forward's tile (at most kStagedPixels output pixels) and its region: the shape that covers the
+// output map with the fewest warps, then the fewest region cells. A tile's pixels fill its warps row by row,
+// 8 a warp, so a tile cut by the map's edge, or one whose pixels do not fill its last warp, idles threads that
+// hold their block's registers and shared memory: on a 28 x 28 map, 8 x 8 tiles give 16 blocks of 8 warps for
+// 98 warps' worth of pixels, where 4 x 14 tiles give 14 blocks of 7 full warps. Against 8 x 8 tiles of 4 x 2
+// pixels a warp, measured on an H200 (outputs equal bit for bit): T224 s2 64x28x28x128 fp32 0.0530 -> 0.0492
+// ms, fp16 0.0438 -> 0.0416; 64x28x28x256 fp16 0.0765 -> 0.0715; T det s4 2x25x42x512 fp32 0.0179 -> 0.0159;
+// FlashInternImage-L stage 4 2x25x42x1280 fp16 0.0257 -> 0.0240; maps of multiples of 8 level
+// (docs/dcnv4_op.md). Candidates as in the sorted backward (sorted_region): tile_h from 4 to 16 rows, tile_w
+// = kStagedPixels / tile_h, both shrunk to the smallest size that keeps the tile count. False when no
+// candidate's region fits kStagedMaxCells.
+inline bool staged_tile(const DCNv4Params& p, TileShape& t, TileRegion& r) {
+  int64_t best_warps = 0, best_cells = 0;
+  for (int h = 4; h <= 16; ++h) {
+    const int w = kStagedPixels / h;
+    const int64_t rows_of_tiles = (p.out_height + h - 1) / h, cols_of_tiles = (p.out_width + w - 1) / w;
+    const int tile_h = static_cast<int>((p.out_height + rows_of_tiles - 1) / rows_of_tiles);
+    const int tile_w = static_cast<int>((p.out_width + cols_of_tiles - 1) / cols_of_tiles);
+    const TileRegion region = tile_region(p, tile_h, tile_w, kStagedMargin);
+    if (region.rows * region.cols > kStagedMaxCells) continue;
+    const int64_t tiles = rows_of_tiles * cols_of_tiles;
+    const int64_t warps = tiles * ((tile_h * tile_w + 7) / 8), cells = tiles * region.rows * region.cols;
+    if (best_warps == 0 || warps < best_warps || (warps == best_warps && cells < best_cells)) {
+      best_warps = warps;
+      best_cells = cells;
+      t.tile_h = tile_h;
+      t.tile_w = tile_w;
+      t.tiles_x = static_cast<int>(cols_of_tiles);
+      t.tiles = static_cast<int>(tiles);  // < 2^31: the map's pixels are (check_image_fits)
+      t.threads = (tile_h * tile_w + 7) / 8 * 8 * kStagedThreadsPerPixel;
+      r = region;
+    }
+  }
+  return best_warps > 0;
+}
+
 // Runs the staged forward when it applies: a 3x3 kernel; fp32, fp16 or bf16; a group of 32, 64 or 128 bytes
 // (two 16-byte vectors a thread, 1 to 4 threads a group) whose 128-byte rows of groups divide the channels;
-// 16-byte aligned tensors; a region of at most kStagedMaxCells pixels; and an output map of at least a tile
-// (a smaller map leaves part of every block idle). Whatever the batch, so the choice does not depend on it
-// (its output is that of the other kernels bit for bit anyway): with the region and the offsets staged by
+// 16-byte aligned tensors; a region of at most kStagedMaxCells pixels; and an output map of at least 8 x 8
+// pixels (a smaller map leaves part of every block idle). Whatever the batch, so the choice does not depend on
+// it (its output is that of the other kernels bit for bit anyway): with the region and the offsets staged by
 // the copy engine it is also faster on problems under a wave of the device, where a rule of at least 1.25
 // waves had kept it off (measured on an H200, outputs equal bit for bit: FlashInternImage-L stage 4
 // 2x25x42x1280 bf16 0.0332 -> 0.0250 ms, fp16 0.0310 -> 0.0253; T det s4 2x25x42x512 fp16 0.0204 -> 0.0154;
@@ -518,21 +553,18 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
       return false;
     }
     const int span = kStagedRowBytes / group_bytes;
-    const TileRegion r = tile_region(p, kStagedTile, kStagedTile, kStagedMargin);
-    if (p.group % span != 0 || p.group / span >= 65536 || r.rows * r.cols > kStagedMaxCells ||
-        p.out_height < kStagedTile || p.out_width < kStagedTile) {
+    if (p.group % span != 0 || p.group / span >= 65536 || p.out_height < kStagedMinSide ||
+        p.out_width < kStagedMinSide) {
       return false;
     }
+    TileShape t;
+    TileRegion r;
+    if (!staged_tile(p, t, r)) return false;
     int device = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
-    TileShape t;
     t.lanes = group_bytes / 32;
     t.chunks = 1;
     t.group_span = span;
-    t.tile_h = t.tile_w = kStagedTile;
-    t.tiles_x = static_cast<int>((p.out_width + kStagedTile - 1) / kStagedTile);
-    t.tiles = t.tiles_x * static_cast<int>((p.out_height + kStagedTile - 1) / kStagedTile);
-    t.threads = kStagedThreads;
     const int64_t out_image = p.out_height * p.out_width;
     // On sm_90 the copy engine stages each region (one descriptor for the whole batch) and, where each
     // pixel's offset_mask row is a multiple of 16 bytes (the layers pad it to 8 channels), the tile's offsets
@@ -545,12 +577,12 @@ bool try_forward_staged(const scalar_t* value, const scalar_t* offset_mask, scal
     const int offsets_row = staged_offsets_row(span * 3 * p.points, sizeof(scalar_t));
     const bool staged_offsets =
         copy_engine &&
-        encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, offsets_row, kStagedTile,
-                           kStagedTile);
+        encode_offsets_map(&offsets_map, device, offset_mask, sizeof(scalar_t), p, offsets_row, t.tile_h,
+                           t.tile_w);
     const size_t shared = static_cast<size_t>(kStagedRowBytes) * r.rows * r.cols + kStagedBarrierBytes +
-                          (staged_offsets ? sizeof(scalar_t) * kStagedTile * kStagedTile * offsets_row : 0);
+                          (staged_offsets ? sizeof(scalar_t) * t.tile_h * t.tile_w * offsets_row : 0);
     constexpr int kMostShared = kStagedRowBytes * kStagedMaxCells + kStagedBarrierBytes +
-                                kStagedTile * kStagedTile * staged_offsets_row(4 * 3 * 9, sizeof(scalar_t)) *
+                                kStagedPixels * staged_offsets_row(4 * 3 * 9, sizeof(scalar_t)) *
                                     static_cast<int>(sizeof(scalar_t));
     // remove_center fixed at compile time: each unrolled point's grid position and weight index are constants
     // (measured on an H200, outputs equal bit for bit: T224 s2 fp16 0.0445 -> 0.0428 ms, 64x28x28x256 fp16
