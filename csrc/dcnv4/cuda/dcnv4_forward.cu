@@ -339,8 +339,8 @@ void launch_forward_shared(const scalar_t* value, const scalar_t* offset_mask, s
 // fp16 channels, 2 of 32, ...). Its windows, plus a margin of learned offset, fall on a region of input
 // pixels (17 x 17 for an 8 x 8 tile), which the block first copies into shared memory (whole 128-byte rows,
 // zeros outside the image); the gathers then read shared memory instead of L1, where a warp's 16-byte corner
-// loads touch one cache line per thread and bound the other kernels (ncu, T224 s2 fp16: L1/TEX throughput 84
-// % -> 48 %, 60.9 -> 51.6 us; docs/dcnv4_op.md). From shared memory, 8 threads reading the 8 distinct 16-byte
+// loads touch one cache line per thread and bound the other kernels (ncu, T224 s2 fp16: L1/TEX throughput
+// 84 % -> 48 %, 60.9 -> 51.6 us; docs/dcnv4_op.md). From shared memory, 8 threads reading the 8 distinct 16-byte
 // columns of their rows take one wavefront whatever the rows. With two vectors a thread (4 threads a pixel),
 // the threads of odd pixels read their vectors in the other order, so that the 8 threads of a quarter warp
 // (two pixels) still read 8 distinct columns. Points whose corners leave the region (offsets past the margin)
@@ -411,8 +411,8 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
   }
 
   // lane, group, then pixel; the tile's pixels row by row, 8 a warp. A pixel's kStagedThreadsPerPixel threads
-  // are t.lanes (1, 2 or 4) threads for each of t.group_span groups: shifts and masks instead of divisions by
-  // run-time values.
+  // are t.lanes (1, 2 or 4) threads for each of t.group_span groups (shifts and masks instead of divisions by
+  // run-time values); one division places the pixel in the tile.
   const int pixel_thread = threadIdx.x % kStagedThreadsPerPixel, lanes_log2 = t.lanes >> 1;
   const int lane = pixel_thread & (t.lanes - 1);
   const int local = threadIdx.x / kStagedThreadsPerPixel, g = first_group + (pixel_thread >> lanes_log2);
