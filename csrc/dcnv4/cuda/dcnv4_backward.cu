@@ -278,20 +278,15 @@ struct SortedRegion {
 // H200, backward op: T224 s2 fp32 0.2351 -> 0.2143 ms, fp16 0.2232 -> 0.2159; 64x28x28x256 fp32 0.4183 ->
 // 0.4052, fp16 0.3171 -> 0.2900; T det s4 (9 x 7 tiles) fp32 0.0535 -> 0.0499; 1x50x80x512 (4 x 16) fp16
 // 0.0624 -> 0.0577; the largest loss 64x14x14x512 fp32 (7 x 7) 0.2116 -> 0.2205, fp16 0.1675 -> 0.1628.
-// Candidates: tile_h from 4 to 16 rows, tile_w = kSortedPixels / tile_h, then both shrunk to the smallest
-// size that keeps the tile count (equal tiles), so a square map keeps square tiles (56 x 56: 8 x 8; 14 x 14:
-// 7 x 7). Regions over kSortedMaxCells (large offset_scale, dilation or stride) come last.
+// Candidates: for_each_tile_shape. Regions over kSortedMaxCells (large offset_scale, dilation or stride) come
+// last.
 inline SortedRegion sorted_region(const DCNv4Params& p) {
   SortedRegion best{};
   int64_t best_tiles = 0, best_cells = 0;
   const auto rank = [](int64_t cells) { return cells > kSortedMaxCells ? 1 : 0; };
-  for (int h = 4; h <= 16; ++h) {
-    const int w = kSortedPixels / h;
-    const int64_t rows_of_tiles = (p.out_height + h - 1) / h, cols_of_tiles = (p.out_width + w - 1) / w;
-    const int tile_h = static_cast<int>((p.out_height + rows_of_tiles - 1) / rows_of_tiles);
-    const int tile_w = static_cast<int>((p.out_width + cols_of_tiles - 1) / cols_of_tiles);
+  for_each_tile_shape(p, kSortedPixels, [&](int tile_h, int tile_w, int64_t, int64_t tiles) {
     const TileRegion t = tile_region(p, tile_h, tile_w, kSortedMargin);
-    const int64_t tiles = rows_of_tiles * cols_of_tiles, cells = int64_t{t.rows} * t.cols;
+    const int64_t cells = int64_t{t.rows} * t.cols;
     if (best_tiles == 0 || rank(cells) < rank(best_cells) ||
         (rank(cells) == rank(best_cells) && (tiles < best_tiles || (tiles == best_tiles && cells < best_cells)))) {
       best = {tile_h, tile_w, t.extent_h, t.extent_w, t.rows, t.cols,
@@ -299,7 +294,7 @@ inline SortedRegion sorted_region(const DCNv4Params& p) {
       best_tiles = tiles;
       best_cells = cells;
     }
-  }
+  });
   return best;
 }
 

@@ -202,6 +202,22 @@ inline TileRegion tile_region(const DCNv4Params& p, int tile_h, int tile_w, int 
   return r;
 }
 
+// The tile shapes that cover the output map with equal tiles of at most `pixels` output pixels, one for each
+// height from 4 to 16 rows: tile_w = pixels / tile_h, then both shrunk to the smallest size that keeps the tile
+// count, so that a square map keeps square tiles (56 x 56: 8 x 8; 14 x 14: 7 x 7). Calls
+// visit(tile_h, tile_w, tiles_x, tiles) for each, in that order; the staged forward and the sorted backward
+// pick theirs among them.
+template <typename Visit>
+inline void for_each_tile_shape(const DCNv4Params& p, int pixels, Visit&& visit) {
+  for (int h = 4; h <= 16; ++h) {
+    const int w = pixels / h;
+    const int64_t rows_of_tiles = (p.out_height + h - 1) / h, cols_of_tiles = (p.out_width + w - 1) / w;
+    const int tile_h = static_cast<int>((p.out_height + rows_of_tiles - 1) / rows_of_tiles);
+    const int tile_w = static_cast<int>((p.out_width + cols_of_tiles - 1) / cols_of_tiles);
+    visit(tile_h, tile_w, cols_of_tiles, rows_of_tiles * cols_of_tiles);
+  }
+}
+
 // Elements of a pixel's row of a tile's offsets and weights staged by the copy engine (the staged forward and
 // the sorted backward), for `channels` of them of `element_bytes` each: 16 bytes of slack, since a row starts
 // at the 16-byte boundary below the block's first offset (the copy engine raised an illegal-instruction fault

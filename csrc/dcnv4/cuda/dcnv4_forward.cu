@@ -503,31 +503,24 @@ __global__ void __launch_bounds__(kStagedThreads, 4)
 // pixels a warp, measured on an H200 (outputs equal bit for bit): T224 s2 64x28x28x128 fp32 0.0530 -> 0.0492
 // ms, fp16 0.0438 -> 0.0416; 64x28x28x256 fp16 0.0765 -> 0.0715; T det s4 2x25x42x512 fp32 0.0179 -> 0.0159;
 // FlashInternImage-L stage 4 2x25x42x1280 fp16 0.0257 -> 0.0240; maps of multiples of 8 level
-// (docs/dcnv4_op.md). Candidates as in the sorted backward (sorted_region): tile_h from 4 to 16 rows, tile_w
-// = kStagedPixels / tile_h, both shrunk to the smallest size that keeps the tile count. False when no
-// candidate's region fits kStagedMaxCells.
+// (docs/dcnv4_op.md). Candidates: for_each_tile_shape. False when no candidate's region fits kStagedMaxCells.
 inline bool staged_tile(const DCNv4Params& p, TileShape& t, TileRegion& r) {
   int64_t best_warps = 0, best_cells = 0;
-  for (int h = 4; h <= 16; ++h) {
-    const int w = kStagedPixels / h;
-    const int64_t rows_of_tiles = (p.out_height + h - 1) / h, cols_of_tiles = (p.out_width + w - 1) / w;
-    const int tile_h = static_cast<int>((p.out_height + rows_of_tiles - 1) / rows_of_tiles);
-    const int tile_w = static_cast<int>((p.out_width + cols_of_tiles - 1) / cols_of_tiles);
+  for_each_tile_shape(p, kStagedPixels, [&](int tile_h, int tile_w, int64_t tiles_x, int64_t tiles) {
     const TileRegion region = tile_region(p, tile_h, tile_w, kStagedMargin);
-    if (region.rows * region.cols > kStagedMaxCells) continue;
-    const int64_t tiles = rows_of_tiles * cols_of_tiles;
+    if (region.rows * region.cols > kStagedMaxCells) return;
     const int64_t warps = tiles * ((tile_h * tile_w + 7) / 8), cells = tiles * region.rows * region.cols;
     if (best_warps == 0 || warps < best_warps || (warps == best_warps && cells < best_cells)) {
       best_warps = warps;
       best_cells = cells;
       t.tile_h = tile_h;
       t.tile_w = tile_w;
-      t.tiles_x = static_cast<int>(cols_of_tiles);
+      t.tiles_x = static_cast<int>(tiles_x);
       t.tiles = static_cast<int>(tiles);  // < 2^31: the map's pixels are (check_image_fits)
       t.threads = (tile_h * tile_w + 7) / 8 * 8 * kStagedThreadsPerPixel;
       r = region;
     }
-  }
+  });
   return best_warps > 0;
 }
 
