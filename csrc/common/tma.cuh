@@ -36,12 +36,7 @@ inline bool encode_region_map(RegionMap* map, int device, const void* data, int 
 #ifndef MMDCNV4_TENSOR_MAPS
   return false;
 #else
-  const bool has_copy_engine = cuda_buffers::cached_per_device(device, [](int d) {
-                                 int major = 0;
-                                 C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d));
-                                 return int64_t{major >= 9 ? 2 : 1};  // nonzero: the cache's "unknown" is 0
-                               }) == 2;
-  if (!has_copy_engine) return false;
+  if (!cuda_buffers::is_sm90_or_later(device)) return false;  // no copy engine
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
