@@ -116,7 +116,7 @@ void launch_kernel(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 bl
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Zeros `count` 16-byte units at `out`, then `tail` bytes after them; lets the next kernel start first.
+// Zeros `count` units at `out`, then `tail` bytes after them; lets the next kernel start first.
 template <typename Unit>  // a template, as a kernel defined in a header must be, to be defined once
 __global__ void __launch_bounds__(256) zero_kernel(Unit* __restrict__ out, int64_t count, int tail) {
   grid_dependency::release_dependents();

@@ -711,7 +711,8 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   // their quarter warp does not.
   const int copy = kCopies ? (threadIdx.x / kChunks & 1) * D : 0;
   const int filled = bucket[kSortedBuckets - 2];  // cells with entries: the end of the last bucket but one
-  // Launched as a dependent kernel (value_gradient), phases 1-3 ran under the value gradient's zero fill.
+  // Launched as a dependent kernel (value_gradient), phases 1-3 may have run under the value gradient's zero
+  // fill: wait for it before the first add.
   grid_dependency::wait_for_prior_grids();
   for (int item = threadIdx.x; item < filled * kChunks; item += kThreads) {
     const int cell = order[item / kChunks], ch = (item % kChunks) * kItem;
@@ -923,10 +924,9 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
     dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, false, stream);
     return (fixed.to(at::kDouble) / scale).to(value.scalar_type());
   }
-  // Buffers from common/cuda_buffers.cuh (a memset and a plain rounding launch): small maps are bound by
-  // host time.
-  // The buffer's zero fill lets the sorted kernel launch as a dependent kernel (sm_90): its launch, and on a
-  // queue that is ahead of the GPU the start of its phases 1-3, overlap the fill; the fp16/bf16 rounding is a
+  // Buffers from common/cuda_buffers.cuh (a fill kernel and a plain rounding launch, no TensorIterator: small
+  // maps are bound by host time). The buffer's zero fill lets the sorted kernel launch as a dependent kernel (sm_90): its launch, and on a
+  // queue that is ahead of the GPU part of its phases 1-3, overlap the fill; the fp16/bf16 rounding is a
   // dependent launch too. Measured on an H200, forward+backward: T224 s2 fp32 0.2610 -> 0.2572 ms, fp16
   // 0.2548 -> 0.2502, 64x28x28x256 fp16 0.3564 -> 0.3521 (docs/dcnv4_op.md).
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
