@@ -262,10 +262,11 @@ static_assert(kSortedPixels <= (1 << kSortedPixelBits), "pixel field too narrow"
 static_assert(kSortedMaxCells <= (1 << (31 - kSortedCellShift)), "cell field too narrow");
 constexpr int kSortedRowShift = 20;  // cell / cols == cell * cols_magic >> 20 for cells < 1024, cols <= 1024
 
-// The tile shape (tile_h x tile_w output pixels, at most kSortedPixels), its region (tile_region) and
-// 2^20 / cols + 1: a cell's row without a division.
+// The tile shape (tile_h x tile_w output pixels, at most kSortedPixels) and the tiles over the map
+// (tiles_x a row), its region (tile_region) and 2^20 / cols + 1: a cell's row without a division.
 struct SortedRegion {
-  int tile_h, tile_w;
+  int tile_h, tile_w, tiles_x;
+  int64_t tiles;
   int extent_h, extent_w, rows, cols;
   unsigned cols_magic;
 };
@@ -284,12 +285,12 @@ inline SortedRegion sorted_region(const DCNv4Params& p) {
   SortedRegion best{};
   int64_t best_tiles = 0, best_cells = 0;
   const auto rank = [](int64_t cells) { return cells > kSortedMaxCells ? 1 : 0; };
-  for_each_tile_shape(p, kSortedPixels, [&](int tile_h, int tile_w, int64_t, int64_t tiles) {
+  for_each_tile_shape(p, kSortedPixels, [&](int tile_h, int tile_w, int64_t tiles_x, int64_t tiles) {
     const TileRegion t = tile_region(p, tile_h, tile_w, kSortedMargin);
     const int64_t cells = int64_t{t.rows} * t.cols;
     if (best_tiles == 0 || rank(cells) < rank(best_cells) ||
         (rank(cells) == rank(best_cells) && (tiles < best_tiles || (tiles == best_tiles && cells < best_cells)))) {
-      best = {tile_h, tile_w, t.extent_h, t.extent_w, t.rows, t.cols,
+      best = {tile_h, tile_w, static_cast<int>(tiles_x), tiles, t.extent_h, t.extent_w, t.rows, t.cols,
               (1u << kSortedRowShift) / static_cast<unsigned>(t.cols) + 1};
       best_tiles = tiles;
       best_cells = cells;
@@ -388,7 +389,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     dcnv4_backward_sorted_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
                                  const FloatAtomicAdd<float> accumulate, const DCNv4Params p, const SortedRegion r,
-                                 const int tiles_x, const __grid_constant__ cuda_tma::RegionMap region_map,
+                                 const __grid_constant__ cuda_tma::RegionMap region_map,
                                  const bool copy_engine, const int first_image,
                                  const __grid_constant__ cuda_tma::RegionMap offsets_map, const int offsets_row) {
   static_assert(LANES == 2 || LANES == 4 || LANES == 8, "lane q records corner q of a point (q mod LANES)");
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   __shared__ unsigned long long copy_barrier;  // the copy engine's, if kStaged
 
   const int lane = threadIdx.x % LANES, local = threadIdx.x / LANES;
-  const int tile_y = blockIdx.x / tiles_x, tile_x = blockIdx.x - tile_y * tiles_x;
+  const int tile_y = blockIdx.x / r.tiles_x, tile_x = blockIdx.x - tile_y * r.tiles_x;
   const int g = blockIdx.y, n = blockIdx.z;
   // The tile's pixels inside the map are numbered row by row over the tile's columns inside the map, so
   // that in a ragged tile (cut by the map's edge; sorted_region keeps them few) the threads of the pixels
@@ -735,14 +736,14 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   }
 }
 
+// Must be called right after the zero fill of accumulate's buffer (cuda_buffers::zeros_under_next, as
+// value_gradient does): the kernel is launched as a dependent one, and reads its inputs before it waits.
 template <typename scalar_t, int V, int LANES, bool kStaged>
 void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                             scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
-                            const SortedRegion& r, bool under_fill, cudaStream_t stream) {
+                            const SortedRegion& r, cudaStream_t stream) {
   static_assert(V % 4 == 0, "the grad_output tile is read as float4");
-  const int tiles_x = static_cast<int>((p.out_width + r.tile_w - 1) / r.tile_w);
-  const int64_t tiles = tiles_x * ((p.out_height + r.tile_h - 1) / r.tile_h);
-  TORCH_CHECK(tiles < (int64_t{1} << 31) && p.group < 65536, "dcnv4: output map too large");
+  TORCH_CHECK(r.tiles < (int64_t{1} << 31) && p.group < 65536, "dcnv4: output map too large");
   const size_t shared = sorted_shared_bytes<scalar_t, LANES, kStaged>(p, r.rows * r.cols);
   TORCH_INTERNAL_ASSERT(shared <= kSortedSharedLimit, "dcnv4: sorted backward needs ", shared,
                         " bytes of shared memory");
@@ -794,13 +795,13 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
     FloatAtomicAdd<float> slice = accumulate;
     slice.base += first * p.height * p.width * p.channels;
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(p.group), static_cast<unsigned>(count));
-    // The first launch may start under the zero fill that precedes it (under_fill; value_gradient).
+    const dim3 grid(static_cast<unsigned>(r.tiles), static_cast<unsigned>(p.group), static_cast<unsigned>(count));
+    // The first launch follows the zero fill, under which it may start (see above).
     cuda_buffers::launch_kernel(
-        under_fill && first == 0, kernel, grid, dim3(kSortedPixels * LANES), total, stream,
+        first == 0, kernel, grid, dim3(kSortedPixels * LANES), total, stream,
         value + first * p.height * p.width * p.channels, offset_mask + first * out_image * p.om_channels,
         grad_output + first * out_image * p.channels, grad_offset_mask + first * out_image * p.om_channels, slice, p,
-        r, tiles_x, region_map, copy_engine, static_cast<int>(first), offsets_map, offsets_row);
+        r, region_map, copy_engine, static_cast<int>(first), offsets_map, offsets_row);
   });
 }
 
@@ -812,7 +813,7 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
 template <typename scalar_t>
 bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
                          scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
-                         bool under_fill, cudaStream_t stream) {
+                         cudaStream_t stream) {
   constexpr int kV = 16 / sizeof(scalar_t);
   const int D = p.group_channels;
   const SortedRegion r = sorted_region(p);
@@ -829,11 +830,11 @@ bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, con
     if constexpr (kLanes < 8) {
       if (sorted_shared_bytes<scalar_t, kLanes, true>(p, r.rows * r.cols) <= kSortedSharedLimit) {
         return launch_backward_sorted<scalar_t, kV, kLanes, true>(value, offset_mask, grad_output, grad_offset_mask,
-                                                                  accumulate, p, r, under_fill, stream);
+                                                                  accumulate, p, r, stream);
       }
     }
     launch_backward_sorted<scalar_t, kV, kLanes, false>(value, offset_mask, grad_output, grad_offset_mask, accumulate,
-                                                        p, r, under_fill, stream);
+                                                        p, r, stream);
   };
   if (D / kV == 2) {  // fp16/bf16, 16 channels
     launch_lanes(std::integral_constant<int, 2>{});
@@ -870,7 +871,7 @@ void launch_backward(const scalar_t* value, const scalar_t* offset_mask, const s
 template <typename scalar_t, typename Accumulate>
 void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, const at::Tensor& grad_output,
                        at::Tensor& grad_offset_mask, Accumulate accumulate, const DCNv4Params& p,
-                       bool under_fill, cudaStream_t stream) {
+                       cudaStream_t stream) {
   const scalar_t* v = value.const_data_ptr<scalar_t>();
   const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
   const scalar_t* om = offset_mask.const_data_ptr<scalar_t>();
@@ -885,7 +886,7 @@ void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, c
   const bool wide = vector_fits<scalar_t, kWide>(p.group_channels, {v, go});
   if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<Accumulate, FixedPointAtomicAdd>) {
     if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
-      if (try_backward_sorted<scalar_t>(v, om, go, gom, accumulate, p, under_fill, stream)) return;
+      if (try_backward_sorted<scalar_t>(v, om, go, gom, accumulate, p, stream)) return;
       return launch_backward<scalar_t, kWide, 3, 3>(v, om, go, gom, accumulate, p, stream);
     }
   }
@@ -921,7 +922,7 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
     const at::Tensor scale = fixed_point_scale(offset_mask, grad_output, p);
     FixedPointAtomicAdd add{reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()),
                             scale.const_data_ptr<double>()};
-    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, false, stream);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     return (fixed.to(at::kDouble) / scale).to(value.scalar_type());
   }
   // Buffers from common/cuda_buffers.cuh (a fill kernel and a plain rounding launch, no TensorIterator: small
@@ -932,12 +933,12 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     at::Tensor grad_value = cuda_buffers::zeros_under_next(value.sizes(), value.options(), stream);
     FloatAtomicAdd<acc_t> add{grad_value.mutable_data_ptr<scalar_t>()};
-    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, true, stream);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     return grad_value;
   } else {
     at::Tensor buffer = cuda_buffers::zeros_under_next(value.sizes(), value.options().dtype(at::kFloat), stream);
     FloatAtomicAdd<acc_t> add{buffer.mutable_data_ptr<float>()};
-    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, true, stream);
+    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     at::Tensor grad_value = at::empty_like(value);
     cuda_buffers::round_into<scalar_t>(buffer, grad_value, stream, /*dependent=*/true);
     return grad_value;

@@ -509,7 +509,8 @@ inline bool staged_tile(const DCNv4Params& p, TileShape& t, TileRegion& r) {
   for_each_tile_shape(p, kStagedPixels, [&](int tile_h, int tile_w, int64_t tiles_x, int64_t tiles) {
     const TileRegion region = tile_region(p, tile_h, tile_w, kStagedMargin);
     if (region.rows * region.cols > kStagedMaxCells) return;
-    const int64_t warps = tiles * ((tile_h * tile_w + 7) / 8), cells = tiles * region.rows * region.cols;
+    const int tile_warps = (tile_h * tile_w + 7) / 8;
+    const int64_t warps = tiles * tile_warps, cells = tiles * region.rows * region.cols;
     if (best_warps == 0 || warps < best_warps || (warps == best_warps && cells < best_cells)) {
       best_warps = warps;
       best_cells = cells;
@@ -517,7 +518,7 @@ inline bool staged_tile(const DCNv4Params& p, TileShape& t, TileRegion& r) {
       t.tile_w = tile_w;
       t.tiles_x = static_cast<int>(tiles_x);
       t.tiles = static_cast<int>(tiles);  // < 2^31: the map's pixels are (check_image_fits)
-      t.threads = (tile_h * tile_w + 7) / 8 * 8 * kStagedThreadsPerPixel;
+      t.threads = tile_warps * 8 * kStagedThreadsPerPixel;
       r = region;
     }
   });
