@@ -1,5 +1,5 @@
 // Gradient buffers of the CUDA backward passes: zero-filled with one driver memset (or one kernel, under
-// which the next kernel can start: zeros_under_next) and rounded from fp32 with one plain launch, instead of
+// which the next kernel can start: zeros_under_next) and rounded from fp32 with one launch, instead of
 // at::zeros and Tensor::to, which each set up a TensorIterator on the host. The backward of a small problem
 // is bound by host time (docs/ms_deform_attn.md, DINO decoder). Also the per-device queries that size
 // launches (cached, so they cost no host time after the first), and launches as dependent kernels

@@ -925,11 +925,11 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
     dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     return (fixed.to(at::kDouble) / scale).to(value.scalar_type());
   }
-  // Buffers from common/cuda_buffers.cuh (a fill kernel and a plain rounding launch, no TensorIterator: small
-  // maps are bound by host time). The buffer's zero fill lets the sorted kernel launch as a dependent kernel (sm_90): its launch, and on a
-  // queue that is ahead of the GPU part of its phases 1-3, overlap the fill; the fp16/bf16 rounding is a
-  // dependent launch too. Measured on an H200, forward+backward: T224 s2 fp32 0.2610 -> 0.2572 ms, fp16
-  // 0.2548 -> 0.2502, 64x28x28x256 fp16 0.3564 -> 0.3521 (docs/dcnv4_op.md).
+  // Buffers from common/cuda_buffers.cuh (no TensorIterator: small maps are bound by host time). The zero
+  // fill is a kernel under which the sorted kernel, launched as a dependent one on sm_90, may start its
+  // phases 1-3; the fp16/bf16 rounding is a dependent launch too. Measured on an H200, forward+backward:
+  // T224 s2 fp32 0.2610 -> 0.2572 ms, fp16 0.2548 -> 0.2502, 64x28x28x256 fp16 0.3564 -> 0.3521
+  // (docs/dcnv4_op.md).
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     at::Tensor grad_value = cuda_buffers::zeros_under_next(value.sizes(), value.options(), stream);
     FloatAtomicAdd<acc_t> add{grad_value.mutable_data_ptr<scalar_t>()};
