@@ -930,17 +930,16 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
   // phases 1-3; the fp16/bf16 rounding is a dependent launch too. Measured on an H200, forward+backward:
   // T224 s2 fp32 0.2610 -> 0.2572 ms, fp16 0.2548 -> 0.2502, 64x28x28x256 fp16 0.3564 -> 0.3521
   // (docs/dcnv4_op.md).
+  // fp32/fp64 add into the gradient itself, fp16/bf16 into an fp32 buffer rounded once.
+  at::Tensor accum = cuda_buffers::zeros_under_next(
+      value.sizes(), value.options().dtype(c10::CppTypeToScalarType<acc_t>::value), stream);
+  FloatAtomicAdd<acc_t> add{accum.mutable_data_ptr<acc_t>()};
+  dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    at::Tensor grad_value = cuda_buffers::zeros_under_next(value.sizes(), value.options(), stream);
-    FloatAtomicAdd<acc_t> add{grad_value.mutable_data_ptr<scalar_t>()};
-    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
-    return grad_value;
+    return accum;
   } else {
-    at::Tensor buffer = cuda_buffers::zeros_under_next(value.sizes(), value.options().dtype(at::kFloat), stream);
-    FloatAtomicAdd<acc_t> add{buffer.mutable_data_ptr<float>()};
-    dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     at::Tensor grad_value = at::empty_like(value);
-    cuda_buffers::round_into<scalar_t>(buffer, grad_value, stream, /*dependent=*/true);
+    cuda_buffers::round_into<scalar_t>(accum, grad_value, stream, /*dependent=*/true);
     return grad_value;
   }
 }
