@@ -13,15 +13,28 @@ from mmdcnv4.ops.reference import dcnv4_output_size
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)]
 
 
+def on_offset_grid(offsets):
+    """``offsets`` moved to the nearest odd multiple of 2^-13 (see make_inputs)."""
+    return (torch.floor(offsets * 4096) + 0.5) / 4096
+
+
 def make_inputs(gen, n, h, w, group, d, kernel=(3, 3), stride=(1, 1), pad=(1, 1), dil=(1, 1), remove_center=False,
                 offset_std=1.5, extra=5, dtype=torch.float64, device='cpu'):
-    """Fresh random value and offset_mask; offset_std ~1.5 puts many points near or past the border."""
+    """Fresh random value and offset_mask; offset_std ~1.5 puts many points near or past the border.
+
+    The offset gradient jumps at pixel edges, which the offsets' grid keeps clear of rounding. They are odd
+    multiples of 2^-13: multiples of 2^-13 stay so in any dtype, which makes every sampling position exact in
+    fp32 (the kernels' arithmetic) at power-of-two offset scales, so no point lands on the other side of an
+    edge than in the float64 reference (an fp32 offset of -1.0000001 puts a point 1.2e-7 short of the edge
+    at row 3, and fp32 arithmetic rounds it onto the edge). Odd ones keep float64 positions off the edges,
+    where gradcheck's finite differences would straddle the jump.
+    """
     ho = dcnv4_output_size(h, kernel[0], stride[0], pad[0], dil[0])
     wo = dcnv4_output_size(w, kernel[1], stride[1], pad[1], dil[1])
     k = kernel[0] * kernel[1] - int(remove_center)
     value = torch.randn(n, h, w, group * d, generator=gen, dtype=torch.float64)
     om = torch.randn(n, ho, wo, group, 3 * k, generator=gen, dtype=torch.float64)
-    om[..., :2 * k] *= offset_std
+    om[..., :2 * k] = on_offset_grid(om[..., :2 * k] * offset_std)
     om = om.reshape(n, ho, wo, group * 3 * k)
     om = torch.cat([om, torch.randn(n, ho, wo, extra, generator=gen, dtype=torch.float64)], dim=-1)
     return value.to(device, dtype), om.to(device, dtype)
@@ -445,7 +458,8 @@ def piled_up_offsets(om, group, k, h, w, gen):
     offsets = om[..., :group * 3 * k].reshape(n, ho, wo, group, 3 * k).clone()
 
     def pick(size):
-        targets = torch.tensor([-1.0, -0.5, 0.0, 0.5, size - 1.0, size - 0.5, size - 0.999], dtype=torch.float64)
+        targets = torch.tensor([-1.0, -0.5, 0.0, 0.5, size - 1.0, size - 0.5, size - 1 + 2 ** -10],
+                               dtype=torch.float64)
         return targets[torch.randint(len(targets), (n, ho, wo, group, k), generator=gen)]
 
     pick_y, pick_x = pick(h), pick(w)
@@ -542,12 +556,6 @@ def test_cuda_sorted_value_gradient(name, dtype, d, rows, rng):
                             remove_center=rc, offset_std=offset_std or 1.0, extra=offsets_extra(rows, g, 9 - int(rc)))
     if offset_std is None:
         om = piled_up_offsets(om, g, 9, h, w, rng)
-    # Offsets on a 2^-12 grid make the sampling positions exact in fp32 (the kernels' arithmetic): otherwise a
-    # point within fp32 rounding of a pixel edge falls on the other side of it than in the float64 reference,
-    # and the offset gradient jumps there. fp16/bf16 inputs need it too: at offset_scale 0.5 a tiny fp16 offset
-    # (-2^-20) moves a point off the window centre 20 by less than fp32 resolves there, so the kernel samples
-    # from pixel 20 and the reference from 19; about 3 % of random fp16 draws of that case hold such a point.
-    om = torch.round(om * 4096) / 4096
     args = ((3, 3), (stride, stride), (dil, dil), (dil, dil), g, scale, rc)
     # The reference sees the inputs rounded to dtype (the offset gradient jumps at pixel edges).
     value64, om64 = value.to(dtype).double().requires_grad_(), om.to(dtype).double().requires_grad_()

@@ -32,11 +32,19 @@ def levels_of(shapes, device='cpu'):
 
 def make_inputs(gen, n, len_q, heads, d, shapes, points, dtype=torch.float64, device='cpu', low=-0.15,
                 high=1.15):
-    """value, level tables, packed sampling_loc_attn, and its mmcv-layout split (locations, softmax)."""
+    """value, level tables, packed sampling_loc_attn, and its mmcv-layout split (locations, softmax).
+
+    The location gradient jumps at pixel edges, which the locations' grid keeps clear of rounding (as
+    test_dcnv4.make_inputs does for offsets). They are odd multiples of 2^-13: multiples of 2^-13 stay so in
+    any dtype, which makes ``loc * size - 0.5`` exact in fp32 (the kernels' arithmetic), so no point lands on
+    the other side of an edge than in the float64 reference; odd ones keep float64 positions off the edges,
+    where gradcheck's finite differences would straddle the jump.
+    """
     spatial_shapes, level_start_index, len_in = levels_of(shapes, device)
     levels = len(shapes)
     value = torch.randn(n, len_in, heads, d, generator=gen, dtype=torch.float64)
     loc = torch.rand(n, len_q, heads, levels, points, 2, generator=gen, dtype=torch.float64) * (high - low) + low
+    loc = (torch.floor(loc * 4096) + 0.5) / 4096
     logits = torch.randn(n, len_q, heads, levels * points, generator=gen, dtype=torch.float64)
     sla = torch.cat([loc.reshape(n, len_q, heads, 2 * levels * points), logits], -1)
     weights = torch.softmax(logits, -1).reshape(n, len_q, heads, levels, points)
