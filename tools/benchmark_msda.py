@@ -19,6 +19,11 @@ autograd engine hands the backward to its device thread), and that moves by tens
 measurements on the same machine.
 
 Usage (on the GPU machine): ``python tools/benchmark_msda.py --out docs/benchmarks/msda.md``
+
+With ``--deterministic`` it times instead this project's two layouts' forward plus backward with the default
+value gradient (float atomics) against ``torch.use_deterministic_algorithms(True)`` (int64 fixed point;
+docs/ms_deform_attn.md, Deterministic mode), the two interleaved:
+``python tools/benchmark_msda.py --deterministic --out docs/benchmarks/msda_deterministic.md``
 """
 import argparse
 import datetime
@@ -62,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument('--rep', type=int, default=200, help='milliseconds of repeats per measurement')
     parser.add_argument('--repeats', type=int, default=3,
                         help='measurements per cell, methods interleaved; the fastest is reported')
+    parser.add_argument('--deterministic', action='store_true',
+                        help="this project's layouts, forward+backward, default against deterministic mode")
     return parser.parse_args(argv)
 
 
@@ -203,6 +210,8 @@ def run(args):
     torch.backends.cuda.matmul.allow_tf32 = False
     bench, timer_name = timer(torch, args.rep)
     dtypes = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+    if args.deterministic:
+        return run_deterministic(torch, args, bench, timer_name, dtypes)
     rows = []
     for name in args.cases:
         for dt in args.dtypes:
@@ -259,6 +268,54 @@ def report(torch, args, rows, timer_name):
                 cells.append(diff)
             lines.append('| ' + ' | '.join(cells) + ' |')
         lines.append('')
+    text = '\n'.join(lines)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            f.write(text + '\n')
+    return text
+
+
+def run_deterministic(torch, args, bench, timer_name, dtypes):
+    """Forward+backward of this project's layouts, default against deterministic mode, as one table."""
+    methods = [m for m in args.methods if m.startswith('ours_')]
+    lines = [
+        '# Multi-scale deformable attention: forward+backward in deterministic mode',
+        '',
+        f'{datetime.datetime.now().strftime("%Y-%m-%d %H:%M")} on {torch.cuda.get_device_name()} '
+        f'(torch {torch.__version__}, CUDA {torch.version.cuda}); {timer_name}, {args.rep} ms of repeats; each '
+        f'cell the fastest of {args.repeats} such measurements, the modes interleaved. The cases and inputs '
+        'of `msda.md`. Default: the value gradient by float atomics; deterministic '
+        '(`torch.use_deterministic_algorithms(True)`): by int64 fixed point, whose sum does not depend on the '
+        'order (docs/ms_deform_attn.md, Deterministic mode). The forward is the same in both.',
+        '',
+    ]
+    header = ['case', 'dtype']
+    for m in methods:
+        header += [f'{METHOD_TITLES[m]} ms', f'{METHOD_TITLES[m]} ms, deterministic', 'deterministic / default']
+    lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for name in args.cases:
+        for dt in args.dtypes:
+            case = make_case(torch, name, dtypes[dt], 'cuda')
+            results = {}
+            for _ in range(max(1, args.repeats)):
+                for m in methods:
+                    for deterministic in (False, True):
+                        torch.use_deterministic_algorithms(deterministic)
+                        results[(m, deterministic)] = fastest(results.get((m, deterministic)),
+                                                              measure(torch, bench, m, case))
+                torch.use_deterministic_algorithms(False)
+            cells = [CASES[name][0], dt]
+            for m in methods:
+                default, deterministic = results[(m, False)][1], results[(m, True)][1]
+                cost = (f'{deterministic / default:.2f}x' if isinstance(default, float) and
+                        isinstance(deterministic, float) else 'n/a')
+                cells += [fmt(default), fmt(deterministic), cost]
+            lines.append('| ' + ' | '.join(cells) + ' |')
+            print(lines[-1], file=sys.stderr)
+            del case
+            torch.cuda.empty_cache()
     text = '\n'.join(lines)
     print(text)
     if args.out:

@@ -3,8 +3,8 @@
 # wheels in $DEVICE_DIR (a copy of shared/device), build the CUDA extension for sm_90, run the `cuda`
 # tests and the benchmarks, and write logs and tables to $OUT.
 #
-# Usage: tools/gpu_check.sh [STAGE ...]   stages: setup build test bench-op bench-msda bench-backbone
-#        bench-models
+# Usage: tools/gpu_check.sh [STAGE ...]   stages: setup build test bench-op bench-msda bench-deterministic
+#        bench-backbone bench-models
 #        (default: all of them, in that order). Environment: OUT (default ./gpu_out), DEVICE_DIR
 #        (default ./.device), TORCH_CUDA_ARCH_LIST (default 9.0), PYTEST_ARGS, TEST_PATHS (default tests).
 set -uo pipefail
@@ -14,7 +14,7 @@ device_dir=${DEVICE_DIR:-.device}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(setup build test bench-op bench-msda bench-backbone bench-models)
+[ ${#stages[@]} -gt 0 ] || stages=(setup build test bench-op bench-msda bench-deterministic bench-backbone bench-models)
 summary="$out/summary.md"
 echo "# gpu_check $(date -u +%FT%TZ)" > "$summary"
 status=0
@@ -39,6 +39,9 @@ for stage in "${stages[@]}"; do
       tail -3 "$out/test.log" | tee -a "$summary" ;;
     bench-op) step bench-op python3 tools/benchmark_op.py --out "$out/dcnv4_op.md" ;;
     bench-msda) [ -f tools/benchmark_msda.py ] && step bench-msda python3 tools/benchmark_msda.py --out "$out/msda.md" ;;
+    bench-deterministic)
+      step bench-op-deterministic python3 tools/benchmark_op.py --deterministic --out "$out/dcnv4_op_deterministic.md"
+      step bench-msda-deterministic python3 tools/benchmark_msda.py --deterministic --out "$out/msda_deterministic.md" ;;
     bench-backbone) [ -f tools/benchmark_backbone.py ] &&
       step bench-backbone python3 tools/benchmark_backbone.py --out "$out/backbone.md" ;;
     bench-models)

@@ -527,16 +527,19 @@ def offsets_extra(rows, group, k):
     return -(group * 3 * k) % 8 if rows == 'padded' else 5
 
 
-def sorted_kernel_ran(prof, rows, remove_center):
+def sorted_kernel_ran(prof, rows, remove_center, fixed_point=False):
     """The sorted backward ran, with the tile's offsets staged when it stages its region at 4 lanes a pixel
-    and the rows are padded (sm_90), and its remove_center (fixed at compile time) the call's (kernel
-    template arguments: lanes, region staged, offsets staged, remove_center)."""
-    pattern = re.compile(r'sorted_kernel<[^,]+, \d+, (\d+), (true|false), (true|false), (true|false)>')
+    and the rows are padded (sm_90), its remove_center (fixed at compile time) the call's, and its value
+    gradient in fixed point (deterministic mode) or in floats as asked (kernel template arguments: lanes,
+    region staged, offsets staged, remove_center, accumulator)."""
+    pattern = re.compile(r'sorted_kernel<[^,]+, \d+, (\d+), (true|false), (true|false), (true|false), '
+                         r'[^<>,]*(FloatAtomicAdd|FixedPointAtomicAdd)')
     found = [m for m in (pattern.search(e.name) for e in prof.events()) if m]
     sm90 = torch.cuda.get_device_capability() >= (9, 0)
+    accumulator = 'FixedPointAtomicAdd' if fixed_point else 'FloatAtomicAdd'
     return bool(found) and all(
         (m[3] == 'true') == (rows == 'padded' and sm90 and m[1] == '4' and m[2] == 'true') and
-        m[4] == str(remove_center).lower() for m in found)
+        m[4] == str(remove_center).lower() and m[5] == accumulator for m in found)
 
 
 @pytest.mark.cuda
@@ -545,10 +548,11 @@ def sorted_kernel_ran(prof, rows, remove_center):
 @pytest.mark.parametrize('name', sorted(SORTED_CASES))
 def test_cuda_sorted_value_gradient(name, dtype, d, rows, rng):
     """16 and 32 channels a group with a 3x3 kernel take the backward that sorts each tile's corners by
-    input pixel before adding them (kernel name checked). Its gradients match the float64 reference, with
-    offsets past the tile's region, stride, dilation, remove_center, offset_scale, hundreds of points on
-    one pixel, a map smaller than a tile and maps that take wide tiles, and its value gradient matches the
-    deterministic fixed-point one; every element written (allocator poisoned)."""
+    input pixel before adding them (kernel name checked), in deterministic mode too. Its gradients match the
+    float64 reference, with offsets past the tile's region, stride, dilation, remove_center, offset_scale,
+    hundreds of points on one pixel, a map smaller than a tile and maps that take wide tiles; in deterministic
+    mode its fixed-point value gradient matches it as well and repeats bit for bit, and its offset gradients
+    are those of the default mode bit for bit; every element written (allocator poisoned)."""
     stride, dil, scale, rc, offset_std, (ho, wo) = SORTED_CASES[name]
     n, g = 2, 2
     h, w = ho * stride, wo * stride
@@ -574,8 +578,38 @@ def test_cuda_sorted_value_gradient(name, dtype, d, rows, rng):
     assert rel_err(got[0], want[0]) < GRAD_TOLERANCE[dtype]
     assert rel_err(got[1], want[1]) < GRAD_TOLERANCE[dtype]
     with deterministic_algorithms():
-        scattered = torch.autograd.grad(dcnv4(value, om, *args), value, grad)[0]
-    assert rel_err(got[0], scattered) < GRAD_TOLERANCE[dtype]
+        poison_cuda_cache(dtype)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fixed, fixed_om = torch.autograd.grad(dcnv4(value, om, *args), (value, om), grad)
+            torch.cuda.synchronize()
+        again = torch.autograd.grad(dcnv4(value, om, *args), value, grad)[0]
+    assert sorted_kernel_ran(prof, rows, rc, fixed_point=True)
+    assert rel_err(fixed, want[0]) < GRAD_TOLERANCE[dtype]
+    assert torch.equal(fixed, again)
+    assert torch.equal(fixed_om, got[1])  # the offset gradients have no atomics: the same in both modes
+
+
+@pytest.mark.cuda
+def test_cuda_sorted_fixed_point_past_fp32_scale(rng):
+    """Deterministic mode with output gradients so small (2^-90 times the usual) that the fixed-point scale
+    passes fp32's range (2^126): the sorted backward then rounds its contributions in double, to the same
+    integers, so the value gradient is exactly 2^-90 times the one of the unscaled gradients. Weights and
+    gradients stay at least 0.5 in magnitude, so that no scaled product falls below fp32's normal range."""
+    n, h, w, g, d = 2, 20, 24, 2, 16
+    value, om = make_inputs(rng, n, h, w, g, d, offset_std=1.0, dtype=torch.float32)
+    om = om.clone()
+    for group in range(g):  # the weights m of each group
+        om[..., group * 27 + 18:group * 27 + 27] = om[..., group * 27 + 18:group * 27 + 27].abs() + 0.5
+    grad = torch.randn(n, h, w, g * d, generator=rng, dtype=torch.float64)
+    grad = (grad.sign() * (grad.abs() + 0.5)).float().cuda()
+    value, om = value.cuda().requires_grad_(), om.cuda()
+    with deterministic_algorithms():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            tiny = torch.autograd.grad(dcnv4(value, om, group=g), value, grad * 2.0 ** -90)[0]
+            torch.cuda.synchronize()
+        usual = torch.autograd.grad(dcnv4(value, om, group=g), value, grad)[0]
+    assert sorted_kernel_ran(prof, 'unpadded', False, fixed_point=True)
+    assert usual.abs().max() > 0 and torch.equal(tiny, usual * 2.0 ** -90)
 
 
 # (dtype, channels per group) of the staged forward: groups of 32, 64 or 128 bytes, 1, 2 or 4 threads a

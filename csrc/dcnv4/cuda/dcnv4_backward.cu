@@ -11,12 +11,15 @@
 // for fp32/fp64, into an fp32 buffer rounded once at the end for fp16/bf16). 3x3 kernels with 16 or 32
 // channels a group (the FlashInternImage and paper shapes) take the sorted kernel instead, which first
 // sums a tile's contributions per input pixel in shared memory (see dcnv4_backward_sorted_kernel). With
-// torch.use_deterministic_algorithms(True), contributions
-// are instead rounded to 64-bit fixed point and added with integer atomics, which are associative, so
-// the result does not depend on the order of the additions. The fixed-point scale is a power of two
-// chosen on the device from max|grad_output| * max|weight| * (Ho * Wo * K) (a bound on any partial sum),
-// which leaves more than 40 bits of precision below the largest possible contribution; it costs an int64
-// buffer (twice the fp32 one) and two reductions, and needs no host synchronisation.
+// torch.use_deterministic_algorithms(True), contributions are instead rounded to 64-bit fixed point and
+// added as integers, which are associative, so the result does not depend on the order of the additions
+// (the plain kernel: one integer atomic per contribution and channel; the sorted kernel: a region pixel's
+// integers summed in registers, then one atomic per channel; the same integers, so the same result bit for
+// bit). The fixed-point scale is a power of two chosen on the device from max|grad_output| * max|weight| *
+// (Ho * Wo * K) (a bound on any partial sum), which leaves more than 40 bits of precision below the largest
+// possible contribution; it costs an int64 buffer (twice the fp32 one) and two reductions, and needs no host
+// synchronisation. With the sorted kernel in this mode, forward+backward went from 7-14x to 1.7-2.0x the
+// default mode's time on the large maps (docs/benchmarks/dcnv4_op_deterministic.md).
 #include <torch/library.h>
 
 #include <cmath>
@@ -50,7 +53,18 @@ struct FixedPointAtomicAdd {
       atomicAdd(base + index + e, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(values[e]) * s)));
     }
   }
+  // Adds N sums already in fixed point (the sorted kernel's per-pixel sums).
+  template <int N>
+  __device__ __forceinline__ void add_fixed(int64_t index, const long long* sums) const {
+#pragma unroll
+    for (int e = 0; e < N; ++e) atomicAdd(base + index + e, static_cast<unsigned long long>(sums[e]));
+  }
 };
+
+// A contribution p (fp32) in fixed point at scale s, as FixedPointAtomicAdd::add rounds it. A power-of-two s
+// that is a float scales p exactly, so the fp32 form gives the same integer with one conversion instead of two.
+__device__ __forceinline__ long long to_fixed(float p, float s) { return __float2ll_rn(p * s); }
+__device__ __forceinline__ long long to_fixed(float p, double s) { return __double2ll_rn(static_cast<double>(p) * s); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t reduce_lanes(acc_t value, int lanes) {
@@ -384,11 +398,11 @@ __device__ __forceinline__ int count_bucket(int count) { return kSortedBuckets -
 
 // 64 registers at most (16 / LANES blocks of 64 * LANES threads fill the register file): 2 lanes with no
 // bound took 71.
-template <typename scalar_t, int V, int LANES, bool kStaged, bool kOffsets, bool kRemoveCenter>
+template <typename scalar_t, int V, int LANES, bool kStaged, bool kOffsets, bool kRemoveCenter, typename Accumulate>
 __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
     dcnv4_backward_sorted_kernel(const scalar_t* __restrict__ value, const scalar_t* __restrict__ offset_mask,
                                  const scalar_t* __restrict__ grad_output, scalar_t* __restrict__ grad_offset_mask,
-                                 const FloatAtomicAdd<float> accumulate, const DCNv4Params p, const SortedRegion r,
+                                 const Accumulate accumulate, const DCNv4Params p, const SortedRegion r,
                                  const __grid_constant__ cuda_tma::RegionMap region_map,
                                  const bool copy_engine, const int first_image,
                                  const __grid_constant__ cuda_tma::RegionMap offsets_map, const int offsets_row) {
@@ -715,32 +729,66 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
   // Launched as a dependent kernel (value_gradient), phases 1-3 may have run under the value gradient's zero
   // fill: wait for it before the first add.
   grid_dependency::wait_for_prior_grids();
-  for (int item = threadIdx.x; item < filled * kChunks; item += kThreads) {
-    const int cell = order[item / kChunks], ch = (item % kChunks) * kItem;
-    const int begin = cell_start[cell], end = cell_start[cell + 1];
-    const float* column = grad_tile + copy + ch;  // the item's channels in row 0 of the tile
-    float acc[kItem] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
-    for (int i = begin; i < end; ++i) {
-      const int2 sorted = entry[i];
-      const float wgt = __int_as_float(sorted.y);
-      const float4 gv = *reinterpret_cast<const float4*>(column + sorted.x);
-      acc[0] += wgt * gv.x;
-      acc[1] += wgt * gv.y;
-      acc[2] += wgt * gv.z;
-      acc[3] += wgt * gv.w;
+  // sum(column, begin, end, index): entries [begin, end) of a cell, the item's channels of the tile's row 0 at
+  // column, into the value gradient at index.
+  const auto each_item = [&](const auto& sum) {
+    for (int item = threadIdx.x; item < filled * kChunks; item += kThreads) {
+      const int cell = order[item / kChunks], ch = (item % kChunks) * kItem;
+      const int row = static_cast<int>(static_cast<unsigned>(cell) * r.cols_magic >> kSortedRowShift);
+      const int h = region_y + row, w = region_x + cell - row * r.cols;
+      sum(grad_tile + copy + ch, cell_start[cell], cell_start[cell + 1],
+          image_offset + (static_cast<int64_t>(h) * W + w) * C + channel0 + ch);
     }
-    const int row = static_cast<int>(static_cast<unsigned>(cell) * r.cols_magic >> kSortedRowShift);
-    const int h = region_y + row, w = region_x + cell - row * r.cols;
-    accumulate.template add<kItem>(image_offset + (static_cast<int64_t>(h) * W + w) * C + channel0 + ch, acc);
+  };
+  if constexpr (std::is_same_v<Accumulate, FixedPointAtomicAdd>) {
+    // Deterministic mode: each entry's contribution is rounded to fixed point as the plain kernel rounds it,
+    // and a cell's integers are summed exactly, so neither the order of its entries (their ranks come from
+    // shared atomics) nor that of the global atomics changes the result: it equals the plain kernel's bit
+    // for bit.
+    const auto fixed_sums = [&](auto scale) {
+      return [&, scale](const float* column, int begin, int end, int64_t index) {
+        long long acc[kItem] = {0, 0, 0, 0};
+        for (int i = begin; i < end; ++i) {
+          const int2 sorted = entry[i];
+          const float wgt = __int_as_float(sorted.y);
+          const float4 gv = *reinterpret_cast<const float4*>(column + sorted.x);
+          acc[0] += to_fixed(wgt * gv.x, scale);
+          acc[1] += to_fixed(wgt * gv.y, scale);
+          acc[2] += to_fixed(wgt * gv.z, scale);
+          acc[3] += to_fixed(wgt * gv.w, scale);
+        }
+        accumulate.template add_fixed<kItem>(index, acc);
+      };
+    };
+    const double scale = *accumulate.scale;  // computed before the fill (value_gradient)
+    if (scale <= 0x1p126) {  // a float (false for NaN)
+      each_item(fixed_sums(static_cast<float>(scale)));
+    } else {
+      each_item(fixed_sums(scale));
+    }
+  } else {
+    each_item([&](const float* column, int begin, int end, int64_t index) {
+      float acc[kItem] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+      for (int i = begin; i < end; ++i) {
+        const int2 sorted = entry[i];
+        const float wgt = __int_as_float(sorted.y);
+        const float4 gv = *reinterpret_cast<const float4*>(column + sorted.x);
+        acc[0] += wgt * gv.x;
+        acc[1] += wgt * gv.y;
+        acc[2] += wgt * gv.z;
+        acc[3] += wgt * gv.w;
+      }
+      accumulate.template add<kItem>(index, acc);
+    });
   }
 }
 
 // Must be called right after the zero fill of accumulate's buffer (cuda_buffers::zeros_under_next, as
 // value_gradient does): the kernel is launched as a dependent one, and reads its inputs before it waits.
-template <typename scalar_t, int V, int LANES, bool kStaged>
+template <typename scalar_t, int V, int LANES, bool kStaged, typename Accumulate>
 void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
-                            scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
+                            scalar_t* grad_offset_mask, Accumulate accumulate, const DCNv4Params& p,
                             const SortedRegion& r, cudaStream_t stream) {
   static_assert(V % 4 == 0, "the grad_output tile is read as float4");
   TORCH_CHECK(r.tiles < (int64_t{1} << 31) && p.group < 65536, "dcnv4: output map too large");
@@ -758,8 +806,8 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
   // 64x14x14x512 fp32 0.2205 -> 0.2145, T224 s2 fp32 0.2139 -> 0.2129; docs/dcnv4_op.md)
   auto pick = [&](auto offsets_staged) {
     constexpr bool kOffsets = decltype(offsets_staged)::value;
-    return p.remove_center ? dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, kOffsets, true>
-                           : dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, kOffsets, false>;
+    return p.remove_center ? dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, kOffsets, true, Accumulate>
+                           : dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, kOffsets, false, Accumulate>;
   };
   auto kernel = pick(std::false_type{});
   size_t total = shared;
@@ -786,14 +834,14 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
       total = shared + kSortedPixels * row * sizeof(scalar_t);  // may pass 48 KB: opt in
       constexpr int kMostShared = kSortedSharedLimit + kSortedPixels * staged_offsets_row(27, sizeof(scalar_t)) *
                                                            static_cast<int>(sizeof(scalar_t));
-      cuda_buffers::allow_dynamic_shared<dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true, false>,
-                                         kMostShared>(device);
-      cuda_buffers::allow_dynamic_shared<dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true, true>,
-                                         kMostShared>(device);
+      cuda_buffers::allow_dynamic_shared<
+          dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true, false, Accumulate>, kMostShared>(device);
+      cuda_buffers::allow_dynamic_shared<
+          dcnv4_backward_sorted_kernel<scalar_t, V, LANES, kStaged, true, true, Accumulate>, kMostShared>(device);
     }
   }
   for_each_batch_slice(p.batch, [&](int64_t first, int64_t count) {
-    FloatAtomicAdd<float> slice = accumulate;
+    Accumulate slice = accumulate;
     slice.base += first * p.height * p.width * p.channels;
     const dim3 grid(static_cast<unsigned>(r.tiles), static_cast<unsigned>(p.group), static_cast<unsigned>(count));
     // The first launch follows the zero fill, under which it may start (see above).
@@ -810,9 +858,9 @@ void launch_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, 
 // every benchmark map (docs/dcnv4_op.md, H200: backward kernel 2-36 % faster on maps of 7 x 7 to
 // 200 x 336), since it sums most corners in shared memory instead of by global atomics. It reads 16-byte
 // vectors (the plain kernel reads 8 bytes of fp16/bf16, so that its fp32 atomics cover whole sectors).
-template <typename scalar_t>
+template <typename scalar_t, typename Accumulate>
 bool try_backward_sorted(const scalar_t* value, const scalar_t* offset_mask, const scalar_t* grad_output,
-                         scalar_t* grad_offset_mask, FloatAtomicAdd<float> accumulate, const DCNv4Params& p,
+                         scalar_t* grad_offset_mask, Accumulate accumulate, const DCNv4Params& p,
                          cudaStream_t stream) {
   constexpr int kV = 16 / sizeof(scalar_t);
   const int D = p.group_channels;
@@ -884,7 +932,7 @@ void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, c
   constexpr bool kHalf = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
   constexpr int kWide = kHalf ? 4 : 16 / sizeof(scalar_t);
   const bool wide = vector_fits<scalar_t, kWide>(p.group_channels, {v, go});
-  if constexpr (!std::is_same_v<scalar_t, double> && !std::is_same_v<Accumulate, FixedPointAtomicAdd>) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
     if (wide && p.kernel_h == 3 && p.kernel_w == 3) {
       if (try_backward_sorted<scalar_t>(v, om, go, gom, accumulate, p, stream)) return;
       return launch_backward<scalar_t, kWide, 3, 3>(v, om, go, gom, accumulate, p, stream);
@@ -907,7 +955,8 @@ at::Tensor fixed_point_scale(const at::Tensor& offset_mask, const at::Tensor& gr
   const at::Tensor max_grad = grad_output.abs().amax().to(at::kDouble);
   const double count = static_cast<double>(p.out_height * p.out_width * K);
   const at::Tensor bound = (max_weight * max_grad * count).clamp_min(1e-300);
-  at::Tensor scale = at::exp2(at::floor(62.0 - at::log2(bound)));
+  // At most 2^1000: a bound near zero (all-zero gradients) would otherwise make it infinite.
+  at::Tensor scale = at::exp2(at::clamp_max(at::floor(62.0 - at::log2(bound)), 1000.0));
   return at::where(at::isfinite(bound), scale, at::full_like(scale, std::numeric_limits<double>::quiet_NaN()));
 }
 
@@ -918,12 +967,15 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
                           cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (deterministic) {
-    at::Tensor fixed = at::zeros(value.sizes(), value.options().dtype(at::kLong));
+    // The scale first: the zero fill must be the launch right before the kernel that may start under it.
     const at::Tensor scale = fixed_point_scale(offset_mask, grad_output, p);
+    at::Tensor fixed = cuda_buffers::zeros_under_next(value.sizes(), value.options().dtype(at::kLong), stream);
     FixedPointAtomicAdd add{reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()),
                             scale.const_data_ptr<double>()};
     dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
-    return (fixed.to(at::kDouble) / scale).to(value.scalar_type());
+    at::Tensor grad_value = at::empty_like(value);
+    cuda_buffers::fixed_point_into<scalar_t>(fixed, scale, grad_value, stream, /*dependent=*/true);
+    return grad_value;
   }
   // Buffers from common/cuda_buffers.cuh (no TensorIterator: small maps are bound by host time). The zero
   // fill is a kernel under which the sorted kernel, launched as a dependent one on sm_90, may start its

@@ -226,19 +226,6 @@ __global__ void fixed_scale_kernel(const float* __restrict__ absmax, bool flash,
   *scale = fixed_point_scale(absmax, flash, contributions);
 }
 
-// Fixed point back to the value's dtype, with the scale the backward kernel used.
-template <typename scalar_t>
-__global__ void fixed_to_value_kernel(const long long* __restrict__ fixed, const double* __restrict__ fixed_scale,
-                                      int64_t count, scalar_t* out) {
-  const double scale = *fixed_scale;
-  const double inv = scale > 0.0 ? 1.0 / scale : 0.0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double v = scale > 0.0 ? static_cast<double>(fixed[i]) * inv : static_cast<double>(NAN);
-    out[i] = static_cast<scalar_t>(v);
-  }
-}
-
 template <typename scalar_t, int VEC, int LANES, bool FLASH, bool MULTI_BLOCK>
 void launch_backward(const BackwardArgs<scalar_t>& args, cudaStream_t stream) {
   const dim3 grid = grid_for(args.rows, Launch<LANES>::slots, args.batch);
@@ -358,12 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
 
     if (deterministic) {
       grad_value = at::empty_like(value);
-      const int64_t count = value.numel();
-      const int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 4096));
-      fixed_to_value_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
-          reinterpret_cast<const long long*>(fixed.const_data_ptr<int64_t>()), fixed_scale.const_data_ptr<double>(),
-          count, grad_value.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda_buffers::fixed_point_into<scalar_t>(fixed, fixed_scale, grad_value, stream);
     } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
       grad_value = accum;  // fp32/fp64: accumulated in place
     } else {
