@@ -268,6 +268,11 @@ def report(torch, args, rows, timer_name):
                 cells.append(diff)
             lines.append('| ' + ' | '.join(cells) + ' |')
         lines.append('')
+    return emit(args, lines)
+
+
+def emit(args, lines):
+    """Prints the report and writes it to --out; returns its text."""
     text = '\n'.join(lines)
     print(text)
     if args.out:
@@ -316,13 +321,7 @@ def run_deterministic(torch, args, bench, timer_name, dtypes):
             print(lines[-1], file=sys.stderr)
             del case
             torch.cuda.empty_cache()
-    text = '\n'.join(lines)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
-    return text
+    return emit(args, lines)
 
 
 def main(argv=None):

@@ -17,15 +17,17 @@
 // integers summed in registers, then one atomic per channel; the same integers, so the same result bit for
 // bit). The fixed-point scale is a power of two chosen on the device from max|grad_output| * max|weight| *
 // (Ho * Wo * K) (a bound on any partial sum), which leaves more than 40 bits of precision below the largest
-// possible contribution; it costs an int64 buffer (twice the fp32 one) and two reductions, and needs no host
-// synchronisation. With the sorted kernel in this mode, forward+backward went from 7-14x to 1.7-2.0x the
-// default mode's time on the large maps (docs/benchmarks/dcnv4_op_deterministic.md).
+// possible contribution; it costs an int64 buffer (twice the fp32 one) and two reductions
+// (common/fixed_point.cuh), and needs no host synchronisation. With the sorted kernel taking this mode and
+// the scale computed by kernels instead of ATen ops, forward+backward went from 7-14x to 1.2-2.0x the
+// default mode's time (docs/benchmarks/dcnv4_op_deterministic.md).
 #include <torch/library.h>
 
 #include <cmath>
 #include <type_traits>
 
 #include "common/cuda_buffers.cuh"
+#include "common/fixed_point.cuh"
 #include "dcnv4/cuda/dcnv4_cuda.cuh"
 #include "dcnv4/dcnv4_host.h"
 
@@ -944,20 +946,25 @@ void dispatch_backward(const at::Tensor& value, const at::Tensor& offset_mask, c
   launch_backward<scalar_t, 1, 0, 0>(v, om, go, gom, accumulate, p, stream);
 }
 
-// Power-of-two fixed-point scale on the device (see the file comment). A non-finite bound gives a NaN
-// scale, so non-finite gradients turn the value gradient into NaN rather than into wrapped integers.
-at::Tensor fixed_point_scale(const at::Tensor& offset_mask, const at::Tensor& grad_output, const DCNv4Params& p) {
-  const int64_t K = p.points;
-  const at::Tensor weights = offset_mask.narrow(3, 0, 3 * p.group * K)
-                                 .view({p.batch, p.out_height, p.out_width, p.group, 3 * K})
-                                 .narrow(4, 2 * K, K);
-  const at::Tensor max_weight = weights.abs().amax().to(at::kDouble);
-  const at::Tensor max_grad = grad_output.abs().amax().to(at::kDouble);
-  const double count = static_cast<double>(p.out_height * p.out_width * K);
-  const at::Tensor bound = (max_weight * max_grad * count).clamp_min(1e-300);
-  // At most 2^1000: a bound near zero (all-zero gradients) would otherwise make it infinite.
-  at::Tensor scale = at::exp2(at::clamp_max(at::floor(62.0 - at::log2(bound)), 1000.0));
-  return at::where(at::isfinite(bound), scale, at::full_like(scale, std::numeric_limits<double>::quiet_NaN()));
+// Power-of-two fixed-point scale on the device (see the file comment): a one-element double tensor; 0 if the
+// bound is not finite, so non-finite gradients turn the value gradient into NaN rather than into wrapped
+// integers.
+template <typename scalar_t>
+at::Tensor fixed_point_scale(const at::Tensor& offset_mask, const at::Tensor& grad_output, const DCNv4Params& p,
+                             cudaStream_t stream) {
+  const int K = static_cast<int>(p.points);
+  at::Tensor absmax = cuda_buffers::zeros({2}, grad_output.options().dtype(at::kFloat), stream);
+  at::Tensor scale = at::empty({1}, grad_output.options().dtype(at::kDouble));
+  float* max_grad = absmax.mutable_data_ptr<float>();
+  fixed_point::launch_abs_max(grad_output.const_data_ptr<scalar_t>(), fixed_point::contiguous(grad_output.numel()),
+                              max_grad, stream);
+  // The weights m: per output pixel (a row of om_channels), per group the last K of its 3 * K values.
+  const fixed_point::Layout weights{p.batch * p.out_height * p.out_width, p.om_channels, static_cast<int>(p.group), K,
+                                    3 * K, 2 * K};
+  fixed_point::launch_abs_max(offset_mask.const_data_ptr<scalar_t>(), weights, max_grad + 1, stream);
+  fixed_point::launch_scale(absmax.const_data_ptr<float>(), 2, static_cast<double>(p.out_height * p.out_width * K),
+                            scale.mutable_data_ptr<double>(), stream);
+  return scale;
 }
 
 // Runs the kernel with the accumulator the mode and dtype call for, and returns the value gradient.
@@ -968,7 +975,7 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
   using acc_t = at::opmath_type<scalar_t>;
   if (deterministic) {
     // The scale first: the zero fill must be the launch right before the kernel that may start under it.
-    const at::Tensor scale = fixed_point_scale(offset_mask, grad_output, p);
+    const at::Tensor scale = fixed_point_scale<scalar_t>(offset_mask, grad_output, p, stream);
     at::Tensor fixed = cuda_buffers::zeros_under_next(value.sizes(), value.options().dtype(at::kLong), stream);
     FixedPointAtomicAdd add{reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>()),
                             scale.const_data_ptr<double>()};

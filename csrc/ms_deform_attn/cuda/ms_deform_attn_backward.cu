@@ -14,6 +14,7 @@
 // sum does not depend on their order, with a power-of-two scale derived on the device from
 // max|grad_output| * max|attention weight| (no host synchronisation, so CUDA-graph capture works); then
 // one pass converts to the value's dtype.
+#include "common/fixed_point.cuh"
 #include "ms_deform_attn/cuda/ms_deform_attn_cuda.cuh"
 
 namespace mmdcnv4 {
@@ -194,38 +195,6 @@ __global__ void __launch_bounds__(Launch<LANES>::threads, Launch<LANES>::min_blo
   }
 }
 
-// max |x| over a tensor, into *out (zero-filled, as float bits; atomicMax on the bits of non-negative
-// floats is order-independent and keeps a NaN, whose bits exceed those of +inf).
-template <typename scalar_t>
-__global__ void abs_max_kernel(const scalar_t* __restrict__ x, int64_t count, float* out) {
-  float m = 0.f;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float v = fabsf(static_cast<float>(x[i]));
-    m = (v > m || v != v) ? v : m;
-  }
-  unsigned bits = __float_as_uint(m);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) bits = max(bits, __shfl_xor_sync(0xffffffffu, bits, offset));
-  if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<unsigned*>(out), bits);
-}
-
-template <typename scalar_t>
-void launch_abs_max(const at::Tensor& x, float* out, cudaStream_t stream) {
-  const int64_t count = x.numel();
-  if (count == 0) return;
-  constexpr int kThreads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((count + kThreads - 1) / kThreads, 1024));
-  abs_max_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), count, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The fixed-point scale, computed once on the device and read by the backward and conversion kernels.
-__global__ void fixed_scale_kernel(const float* __restrict__ absmax, bool flash, double contributions,
-                                   double* scale) {
-  *scale = fixed_point_scale(absmax, flash, contributions);
-}
-
 template <typename scalar_t, int VEC, int LANES, bool FLASH, bool MULTI_BLOCK>
 void launch_backward(const BackwardArgs<scalar_t>& args, cudaStream_t stream) {
   const dim3 grid = grid_for(args.rows, Launch<LANES>::slots, args.batch);
@@ -318,12 +287,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
       fixed = at::zeros(value.sizes(), value.options().dtype(at::kLong));
       absmax = at::zeros({2}, value.options().dtype(at::kFloat));
       fixed_scale = at::empty({1}, value.options().dtype(at::kDouble));
-      launch_abs_max<scalar_t>(grad_output, absmax.mutable_data_ptr<float>(), stream);
-      if (!flash) launch_abs_max<scalar_t>(weights, absmax.mutable_data_ptr<float>() + 1, stream);
-      fixed_scale_kernel<<<1, 1, 0, stream>>>(absmax.const_data_ptr<float>(), flash,
-                                              static_cast<double>(p.len_q) * p.points,
-                                              fixed_scale.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // One term is p * w_corner * g_c, so |term| <= max|attention weight| * max|grad_output| (bilinear weights
+      // are <= 1; the flash layout's softmax p <= 1), and a value element receives at most Len_q * P terms
+      // (one corner per point of its level).
+      fixed_point::launch_abs_max(grad_output.const_data_ptr<scalar_t>(), fixed_point::contiguous(grad_output.numel()),
+                                  absmax.mutable_data_ptr<float>(), stream);
+      if (!flash) {
+        fixed_point::launch_abs_max(weights.const_data_ptr<scalar_t>(), fixed_point::contiguous(weights.numel()),
+                                    absmax.mutable_data_ptr<float>() + 1, stream);
+      }
+      fixed_point::launch_scale(absmax.const_data_ptr<float>(), flash ? 1 : 2, static_cast<double>(p.len_q) * p.points,
+                                fixed_scale.mutable_data_ptr<double>(), stream);
       args.grad_value = nullptr;
       args.grad_value_fixed = reinterpret_cast<long long*>(fixed.mutable_data_ptr<int64_t>());
       args.fixed_scale = fixed_scale.const_data_ptr<double>();

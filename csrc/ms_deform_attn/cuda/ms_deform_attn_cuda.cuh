@@ -309,23 +309,6 @@ __device__ __forceinline__ void fixed_add_channels(long long* dst, const acc_t* 
   }
 }
 
-// The fixed-point scale of the deterministic value gradient: the largest power of two s such that
-// contributions * max|term| * s stays below 2^62, where one term is p * w_corner * g_c, so
-// |term| <= max|attention weight| * max|grad_output| (bilinear weights are <= 1), and a value element
-// receives at most Len_q * P terms (one corner per point of its level). Returns 0 when the bound is not
-// finite (NaN or Inf gradients): the value gradient is then NaN.
-__device__ __forceinline__ double fixed_point_scale(const float* __restrict__ absmax, bool flash,
-                                                    double contributions) {
-  const double g = static_cast<double>(absmax[0]);
-  const double w = flash ? 1.0 : static_cast<double>(absmax[1]);
-  const double bound = g * w * contributions;
-  if (!(bound < INFINITY)) return 0.0;  // NaN or Inf
-  if (bound <= 0.0) return 1.0;         // every term is zero
-  double k = floor(62.0 - log2(bound));
-  k = fmin(k, 1000.0);
-  return exp2(k);
-}
-
 // ---- launch utilities ----------------------------------------------------------------------------
 inline dim3 grid_for(int64_t rows_per_image, int slots, int64_t batch) {
   const int64_t blocks = (rows_per_image + slots - 1) / slots;
