@@ -1,8 +1,8 @@
 // Gradient buffers of the CUDA backward passes: zero-filled with one driver memset (or one kernel, under
-// which the next kernel can start: zeros_under_next) and rounded from fp32 (or converted from a deterministic
-// mode's int64 fixed point) with one launch, instead of
-// at::zeros and Tensor::to, which each set up a TensorIterator on the host. The backward of a small problem
-// is bound by host time (docs/ms_deform_attn.md, DINO decoder). Also the per-device queries that size
+// which the next kernel can start: zeros_under_next) and rounded from fp32 with one launch, instead of
+// at::zeros and Tensor::to, which each set up a TensorIterator on the host (a deterministic mode's int64
+// fixed point is converted likewise: common/fixed_point.cuh). The backward of a small problem is bound by
+// host time (docs/ms_deform_attn.md, DINO decoder). Also the per-device queries that size
 // launches (cached, so they cost no host time after the first), and launches as dependent kernels
 // (common/grid_dependency.cuh).
 #pragma once
@@ -62,6 +62,13 @@ inline int64_t resident_threads(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, d));
     return static_cast<int64_t>(sms) * per_sm;
   });
+}
+
+// Blocks of `threads` threads for a grid-stride loop over `items`: one per `threads` items, at most one wave of
+// the device.
+inline int wave_blocks(int device, int64_t items, int threads) {
+  const int64_t wave = resident_threads(device) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + threads - 1) / threads, wave)));
 }
 
 // Lets kKernel take up to kBytes of dynamic shared memory on `device` (the current one), past the default
@@ -178,42 +185,9 @@ void round_into(const at::Tensor& accum, const at::Tensor& out, cudaStream_t str
   const int64_t count = accum.numel();
   if (count == 0) return;
   constexpr int kThreads = 256;
-  const int64_t wave = resident_threads(out.get_device()) / kThreads;
-  const int blocks =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((count / 4 + kThreads - 1) / kThreads, wave)));
+  const int blocks = wave_blocks(out.get_device(), count / 4, kThreads);
   launch_kernel(dependent, round_kernel<scalar_t>, dim3(blocks), dim3(kThreads), 0, stream,
                 accum.const_data_ptr<float>(), count, out.mutable_data_ptr<scalar_t>());
-}
-
-// out[i] = fixed[i] / scale: a deterministic mode's int64 fixed-point value gradient back in the value's dtype,
-// with the device scalar scale (a power of two, so the product by its reciprocal is exact) that the backward
-// used; a scale that is not > 0 (NaN, for non-finite gradients, or 0) gives NaN. Launched as a dependent
-// kernel, it waits for the kernel that fills `fixed`.
-template <typename scalar_t>
-__global__ void fixed_point_kernel(const long long* __restrict__ fixed, const double* __restrict__ scale,
-                                   int64_t count, scalar_t* __restrict__ out) {
-  grid_dependency::wait_for_prior_grids();
-  const double s = *scale;
-  const double inv = s > 0.0 ? 1.0 / s : 0.0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count; i += stride) {
-    out[i] = static_cast<scalar_t>(s > 0.0 ? static_cast<double>(fixed[i]) * inv : static_cast<double>(NAN));
-  }
-}
-
-// The int64 tensor `fixed` over the device scalar `scale` (double), into `out` (as many elements, both
-// contiguous); `dependent` as in round_into.
-template <typename scalar_t>
-void fixed_point_into(const at::Tensor& fixed, const at::Tensor& scale, const at::Tensor& out, cudaStream_t stream,
-                      bool dependent = false) {
-  const int64_t count = fixed.numel();
-  if (count == 0) return;
-  constexpr int kThreads = 256;
-  const int64_t wave = resident_threads(out.get_device()) / kThreads;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((count + kThreads - 1) / kThreads, wave)));
-  launch_kernel(dependent, fixed_point_kernel<scalar_t>, dim3(blocks), dim3(kThreads), 0, stream,
-                reinterpret_cast<const long long*>(fixed.const_data_ptr<int64_t>()), scale.const_data_ptr<double>(),
-                count, out.mutable_data_ptr<scalar_t>());
 }
 
 }  // namespace cuda_buffers

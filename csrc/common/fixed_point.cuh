@@ -1,7 +1,7 @@
-// The scale of a deterministic mode's int64 fixed-point value gradient, on the device (no host
-// synchronisation, a few launches and no ATen ops: small problems are bound by host time). Shared by the
-// DCNv4 and multi-scale deformable attention backward passes; the conversion back is
-// cuda_buffers::fixed_point_into.
+// A deterministic mode's int64 fixed-point value gradient, shared by the DCNv4 and multi-scale deformable
+// attention backward passes: its power-of-two scale, computed on the device (no host synchronisation, a few
+// launches and no ATen ops: small problems are bound by host time), a contribution's rounding to it, and
+// the conversion back to the value's dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#include "common/cuda_buffers.cuh"
 
 namespace mmdcnv4 {
 namespace fixed_point {
@@ -75,6 +77,44 @@ __global__ void __launch_bounds__(1) scale_kernel(const float* __restrict__ absm
 inline void launch_scale(const float* absmax, int factors, double terms, double* scale, cudaStream_t stream) {
   scale_kernel<double><<<1, 1, 0, stream>>>(absmax, factors, terms, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A contribution p in fixed point at scale s (rounded to nearest). A power-of-two s that is a float scales an
+// fp32 p exactly, so the fp32 form gives the same integer as the double one with one conversion instead of two.
+__device__ __forceinline__ long long to_fixed(float p, float s) { return __float2ll_rn(p * s); }
+template <typename acc_t>
+__device__ __forceinline__ long long to_fixed(acc_t p, double s) {
+  return __double2ll_rn(static_cast<double>(p) * s);
+}
+
+// out[i] = fixed[i] / scale: a deterministic mode's int64 fixed-point value gradient back in the value's dtype,
+// with the device scalar scale (a power of two, so the product by its reciprocal is exact) that the backward
+// used; a scale that is not > 0 (NaN, for non-finite gradients, or 0) gives NaN. Launched as a dependent
+// kernel, it waits for the kernel that fills `fixed`.
+template <typename scalar_t>
+__global__ void to_value_kernel(const long long* __restrict__ fixed, const double* __restrict__ scale, int64_t count,
+                                scalar_t* __restrict__ out) {
+  grid_dependency::wait_for_prior_grids();
+  const double s = *scale;
+  const double inv = s > 0.0 ? 1.0 / s : 0.0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count; i += stride) {
+    out[i] = static_cast<scalar_t>(s > 0.0 ? static_cast<double>(fixed[i]) * inv : static_cast<double>(NAN));
+  }
+}
+
+// The int64 tensor `fixed` over the device scalar `scale` (double), into `out` (as many elements, both
+// contiguous); `dependent` as in cuda_buffers::round_into.
+template <typename scalar_t>
+void to_value(const at::Tensor& fixed, const at::Tensor& scale, const at::Tensor& out, cudaStream_t stream,
+              bool dependent = false) {
+  const int64_t count = fixed.numel();
+  if (count == 0) return;
+  constexpr int kThreads = 256;
+  const int blocks = cuda_buffers::wave_blocks(out.get_device(), count, kThreads);
+  cuda_buffers::launch_kernel(dependent, to_value_kernel<scalar_t>, dim3(blocks), dim3(kThreads), 0, stream,
+                              reinterpret_cast<const long long*>(fixed.const_data_ptr<int64_t>()),
+                              scale.const_data_ptr<double>(), count, out.mutable_data_ptr<scalar_t>());
 }
 
 }  // namespace fixed_point

@@ -52,7 +52,7 @@ struct FixedPointAtomicAdd {
     const double s = *scale;
 #pragma unroll
     for (int e = 0; e < N; ++e) {
-      atomicAdd(base + index + e, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(values[e]) * s)));
+      atomicAdd(base + index + e, static_cast<unsigned long long>(fixed_point::to_fixed(values[e], s)));
     }
   }
   // Adds N sums already in fixed point (the sorted kernel's per-pixel sums).
@@ -63,10 +63,6 @@ struct FixedPointAtomicAdd {
   }
 };
 
-// A contribution p (fp32) in fixed point at scale s, as FixedPointAtomicAdd::add rounds it. A power-of-two s
-// that is a float scales p exactly, so the fp32 form gives the same integer with one conversion instead of two.
-__device__ __forceinline__ long long to_fixed(float p, float s) { return __float2ll_rn(p * s); }
-__device__ __forceinline__ long long to_fixed(float p, double s) { return __double2ll_rn(static_cast<double>(p) * s); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t reduce_lanes(acc_t value, int lanes) {
@@ -754,10 +750,10 @@ __global__ void __launch_bounds__(kSortedPixels * LANES, 16 / LANES)
           const int2 sorted = entry[i];
           const float wgt = __int_as_float(sorted.y);
           const float4 gv = *reinterpret_cast<const float4*>(column + sorted.x);
-          acc[0] += to_fixed(wgt * gv.x, scale);
-          acc[1] += to_fixed(wgt * gv.y, scale);
-          acc[2] += to_fixed(wgt * gv.z, scale);
-          acc[3] += to_fixed(wgt * gv.w, scale);
+          acc[0] += fixed_point::to_fixed(wgt * gv.x, scale);
+          acc[1] += fixed_point::to_fixed(wgt * gv.y, scale);
+          acc[2] += fixed_point::to_fixed(wgt * gv.z, scale);
+          acc[3] += fixed_point::to_fixed(wgt * gv.w, scale);
         }
         accumulate.template add_fixed<kItem>(index, acc);
       };
@@ -981,7 +977,7 @@ at::Tensor value_gradient(const at::Tensor& value, const at::Tensor& offset_mask
                             scale.const_data_ptr<double>()};
     dispatch_backward<scalar_t>(value, offset_mask, grad_output, grad_offset_mask, add, p, stream);
     at::Tensor grad_value = at::empty_like(value);
-    cuda_buffers::fixed_point_into<scalar_t>(fixed, scale, grad_value, stream, /*dependent=*/true);
+    fixed_point::to_value<scalar_t>(fixed, scale, grad_value, stream, /*dependent=*/true);
     return grad_value;
   }
   // Buffers from common/cuda_buffers.cuh (no TensorIterator: small maps are bound by host time). The zero

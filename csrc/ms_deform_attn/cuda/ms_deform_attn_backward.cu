@@ -319,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
 
     if (deterministic) {
       grad_value = at::empty_like(value);
-      cuda_buffers::fixed_point_into<scalar_t>(fixed, fixed_scale, grad_value, stream);
+      fixed_point::to_value<scalar_t>(fixed, fixed_scale, grad_value, stream);
     } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
       grad_value = accum;  // fp32/fp64: accumulated in place
     } else {

@@ -30,6 +30,7 @@
 #include <limits>
 
 #include "common/cuda_buffers.cuh"
+#include "common/fixed_point.cuh"
 #include "ms_deform_attn/ms_deform_attn_host.h"
 #include "ms_deform_attn/ms_deform_attn_params.h"
 
@@ -304,7 +305,7 @@ template <int VEC, typename acc_t>
 __device__ __forceinline__ void fixed_add_channels(long long* dst, const acc_t* val, double scale) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const long long q = __double2ll_rn(static_cast<double>(val[i]) * scale);
+    const long long q = fixed_point::to_fixed(val[i], scale);
     if (q != 0) red_add(reinterpret_cast<unsigned long long*>(dst + i), static_cast<unsigned long long>(q));
   }
 }
